@@ -1,0 +1,416 @@
+"""The scored model: frozen weights, a learnable score per filter and a gate per region.
+
+:class:`ScoredModel` is rebuilt from a :class:`~nchains.analysis.ModelGraph` by rewriting a
+copy of the traced fx graph: each unit's ``conv -> bn -> act`` chain becomes one call of a
+scored-conv module (BatchNorm folded into the conv, :func:`nchains.ops.masked_conv2d` on the
+hot path) and every block region's output is blended with its input by
+:func:`nchains.ops.gate`. A "layer" region's gate is fused into the unit's
+``masked_conv2d`` call. Semantics (DESIGN.md): the score multiplies the filter's output map
+after BN and before the nonlinearity; ``G = sigmoid(alpha / T)``, ``out = G f(x) + (1 - G) x``.
+
+Example:
+    >>> g = analyze(torchvision.models.resnet50(), torch.randn(1, 3, 64, 64))
+    >>> sm = ScoredModel(g)
+    >>> logits = sm(x)                          # scores = 1, gates = 0.5
+    >>> sm.set_hard({"layer1.0.conv1": mask}, {"layer1.1": 0})   # extracted chain
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import operator
+from functools import partial
+from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .analysis import ConvUnit, LinearUnit, ModelGraph
+
+try:
+    from . import ops as _ops
+except ImportError:  # compiled extension not built: same semantics, unfused
+    from . import _reference as _ops
+
+_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+            operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: torch.relu}
+
+
+def _fold(conv: nn.Conv2d,
+          bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Fold eval-mode BN into the conv: ``w * s``, ``(b - mean) * s + beta``,
+    ``s = gamma / sqrt(var + eps)`` (computed in float64)."""
+    dtype = conv.weight.dtype
+    w = conv.weight.detach().double()
+    b = None if conv.bias is None else conv.bias.detach().double()
+    if bn is not None:
+        s = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
+        shift = torch.zeros_like(s)
+        if bn.weight is not None:
+            s = s * bn.weight.detach().double()
+            shift = bn.bias.detach().double()
+        b = ((0.0 if b is None else b) - bn.running_mean.detach().double()) * s + shift
+        w = w * s.view(-1, 1, 1, 1)
+    return w.to(dtype), None if b is None else b.to(dtype)
+
+
+class _ScoredConv(nn.Module):
+    """One unit: ``act(score * bn(conv(x)))``, optionally gated with its own input."""
+
+    def __init__(self, unit: ConvUnit, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
+                 temperature: float):
+        super().__init__()
+        weight, bias = _fold(conv, bn)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.stride, self.padding, self.dilation = unit.stride, unit.padding, unit.dilation
+        self.groups, self.temperature = unit.groups, temperature
+        self.fused = unit.act in (None, "relu")
+        self.activation = "relu" if unit.act == "relu" else "none"
+        self.act = None if self.fused else copy.deepcopy(unit.act_module)
+
+    def forward(self, x: torch.Tensor, score: torch.Tensor,
+                gate_logit: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.fused:
+            return _ops.masked_conv2d(
+                x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
+                dilation=self.dilation, groups=self.groups, activation=self.activation,
+                gate_logit=gate_logit, temperature=self.temperature)
+        y = self.act(_ops.masked_conv2d(
+            x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, groups=self.groups, activation="none"))
+        return y if gate_logit is None else _ops.gate(y, x, gate_logit, self.temperature)
+
+
+class _ScoredLinear(nn.Module):
+    """A hidden Linear with a score per output neuron: ``act(score * linear(x))``."""
+
+    def __init__(self, unit: LinearUnit, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().clone())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.act = copy.deepcopy(unit.act_module)
+
+    def forward(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias) * score
+        return y if self.act is None else self.act(y)
+
+
+def _out_of_place(node: fx.Node) -> None:
+    """In-place ops could overwrite a region's input before its gate reads it."""
+    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
+        node.target = node.target[:-1]
+    if node.op != "call_function":
+        return
+    node.target = _INPLACE.get(node.target, node.target)
+    if node.kwargs.get("inplace"):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    try:
+        names = list(inspect.signature(node.target).parameters)
+    except (TypeError, ValueError):
+        return
+    if "inplace" in names and len(node.args) > names.index("inplace"):
+        args = list(node.args)
+        args[names.index("inplace")] = False
+        node.args = tuple(args)
+
+
+def _set_path(root: nn.Module, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for atom in parents:
+        if not hasattr(root, atom):
+            root.add_module(atom, nn.Module())
+        root = getattr(root, atom)
+    if isinstance(value, nn.Module):
+        root.add_module(leaf, value)
+    else:
+        root.register_buffer(leaf, value)
+
+
+def _fetch(root: nn.Module, path: str):
+    for atom in path.split("."):
+        root = getattr(root, atom)
+    return root
+
+
+def _missing(root: nn.Module, path: str) -> bool:
+    try:
+        _fetch(root, path)
+    except AttributeError:
+        return True
+    return False
+
+
+def _own_copy(value):
+    """Frozen private copy (without hooks) of a module or tensor of the analysed model."""
+    if isinstance(value, nn.Module):
+        value = copy.deepcopy(value).requires_grad_(False)
+        for m in value.modules():
+            m._forward_hooks.clear()
+            m._forward_pre_hooks.clear()
+            m._backward_hooks.clear()
+        return value
+    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+
+def _keys(names) -> Dict[str, str]:
+    """Attribute-safe keys for module paths: ``layer1.0.conv1`` -> ``layer1__0__conv1``."""
+    keys: Dict[str, str] = {}
+    for name in names:
+        key = name.replace(".", "__").replace("@", "_call")
+        while key in keys.values():
+            key += "_"
+        keys[name] = key
+    return keys
+
+
+def _gate_value(gate) -> int:
+    value = float(gate.item() if isinstance(gate, torch.Tensor) else gate)
+    if value not in (0.0, 1.0):
+        raise ValueError(f"gates values must be 0 or 1, got {gate!r}")
+    return int(value)
+
+
+class ScoredModel(nn.Module):
+    """A CNN with frozen weights, a score per filter and a sigmoid gate per region.
+
+    Args:
+        graph (ModelGraph): result of :func:`nchains.analysis.analyze`.
+        score_linear (bool): also score the neurons of hidden Linear layers (never the
+            classifier).
+        temperature (float): gate temperature ``T`` (> 0).
+
+    Attributes:
+        scores (nn.ParameterDict): ``Tensor[C_out]`` per scored layer, init 1 (use
+            :meth:`score` / :meth:`named_scores`; keys are escaped module paths).
+        gate_logits (nn.ParameterDict): 0-d ``alpha`` per region, init 0.
+        hard (bool): True after :meth:`set_hard`.
+
+    The wrapped network always runs in eval mode (running BN statistics, no dropout),
+    whatever :meth:`train` is called with; only scores and gate logits require grad.
+    """
+
+    def __init__(self, graph: ModelGraph, *, score_linear: bool = False, temperature: float = 0.2):
+        super().__init__()
+        if not isinstance(graph, ModelGraph):
+            raise TypeError(f"graph must be a ModelGraph from nchains.analysis.analyze, "
+                            f"got {type(graph).__name__}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.temperature = float(temperature)
+        gm = graph.graph_module
+        linears = {n: u for n, u in graph.linears.items() if score_linear and not u.is_classifier}
+        units: Dict[str, Union[ConvUnit, LinearUnit]] = {**graph.layers, **linears}
+        self._score_keys = _keys(units)
+        self._gate_keys = _keys(graph.regions)
+
+        root = nn.Module()
+        root.units = nn.ModuleDict()
+        root.scores = nn.ParameterDict()
+        root.gate_logits = nn.ParameterDict()
+        root.model = nn.Module()
+        for name, unit in units.items():
+            key = self._score_keys[name]
+            layer = gm.get_submodule(unit.first.target)
+            if isinstance(unit, ConvUnit):
+                bn = gm.get_submodule(unit.bn) if unit.bn else None
+                root.units[key] = _ScoredConv(unit, layer, bn, self.temperature)
+            else:
+                root.units[key] = _ScoredLinear(unit, layer)
+            root.scores[key] = nn.Parameter(torch.ones(
+                layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
+        for name, region in graph.regions.items():
+            like = root.units[self._score_keys[region.units[0]]].weight
+            root.gate_logits[self._gate_keys[name]] = nn.Parameter(
+                torch.zeros((), dtype=like.dtype, device=like.device))
+        self._template = self._rewrite(graph, root, units)
+        root.model.requires_grad_(False).eval()
+        root.hard_scores = nn.Module()
+        self.net = fx.GraphModule(root, copy.deepcopy(self._template), class_name="ScoredNet")
+        for attr in ("units", "scores", "gate_logits", "model", "hard_scores"):
+            setattr(self.net, attr, getattr(root, attr))
+        self.hard = False
+        self.hard_gates: Dict[str, int] = {}
+
+    # ---- graph rewriting ------------------------------------------------------------
+
+    def _rewrite(self, graph: ModelGraph, root: nn.Module, units: Dict[str, object]) -> fx.Graph:
+        """Soft graph; nodes are tagged in ``meta`` (``nchains_unit``/``_region``/``_gate``)
+        so :meth:`set_hard` can derive the hard graph from it."""
+        gm = graph.graph_module
+        first = {u.first: u for u in units.values()}
+        skipped = {n for u in units.values() for n in u.nodes[1:]}
+        region_of = {n: r.name for r in graph.regions.values() for n in r.nodes}
+        unit_gate, block_gate = {}, {}
+        for r in graph.regions.values():
+            u = graph.layers[r.units[0]]
+            if len(r.units) == 1 and r.input is u.input and r.output is u.last:
+                unit_gate[u.name] = r.name  # gate fused into the unit's masked_conv2d
+            else:
+                block_gate[r.output] = r
+        new, env = fx.Graph(), {}
+
+        def tag(n: fx.Node, src: Optional[fx.Node], **extra) -> fx.Node:
+            n.meta = {"nchains_region": region_of.get(src), **extra}
+            return n
+
+        for node in gm.graph.nodes:
+            if node in skipped:
+                continue
+            if node in first:
+                u = first[node]
+                key = self._score_keys[u.name]
+                args = [env[u.input], tag(new.get_attr(f"scores.{key}"), node)]
+                gate = unit_gate.get(u.name)
+                if gate is not None:
+                    args.append(tag(new.get_attr(f"gate_logits.{self._gate_keys[gate]}"), node))
+                value = tag(new.call_module(f"units.{key}", tuple(args)), node,
+                            nchains_unit=u.name, nchains_gate=gate)
+                node = u.last
+            else:
+                value = new.node_copy(node, lambda n: env[n])
+                if node.op in ("call_module", "get_attr"):
+                    if _missing(root.model, node.target):
+                        value_of = (gm.get_submodule if node.op == "call_module"
+                                    else partial(_fetch, gm))
+                        _set_path(root.model, node.target, _own_copy(value_of(node.target)))
+                    value.target = f"model.{node.target}"
+                _out_of_place(value)
+                tag(value, node)
+            env[node] = value
+            if node in block_gate:
+                r = block_gate[node]
+                logit = new.get_attr(f"gate_logits.{self._gate_keys[r.name]}")
+                gated = new.call_function(_ops.gate, (value, env[r.input], logit, self.temperature))
+                env[node] = tag(gated, None, nchains_gate=r.name)
+        return new
+
+    def _harden(self, removed: set) -> fx.Graph:
+        """Hard graph from the soft template: removed regions become the identity (their
+        nodes are dropped), kept regions lose their blend, scores come from buffers."""
+        new, env = fx.Graph(), {}
+        for node in self._template.nodes:
+            unit, gate = node.meta.get("nchains_unit"), node.meta.get("nchains_gate")
+            if gate is not None and gate in removed:
+                env[node] = env[node.args[0] if unit is not None else node.args[1]]
+            elif node.meta.get("nchains_region") in removed and node.op != "get_attr":
+                continue  # (constants may be shared; dead ones are eliminated below)
+            elif unit is not None:
+                score = new.get_attr(f"hard_scores.{self._score_keys[unit]}")
+                env[node] = new.call_module(node.target, (env[node.args[0]], score))
+            elif gate is not None:
+                env[node] = env[node.args[0]]
+            elif node.op == "get_attr" and node.target.startswith(("scores.", "gate_logits.")):
+                continue
+            else:
+                env[node] = new.node_copy(node, lambda n: env[n])
+        return new
+
+    # ---- modes ------------------------------------------------------------------------
+
+    def set_hard(self, kept_scores: Optional[Mapping[str, torch.Tensor]] = None,
+                 gates: Optional[Mapping[str, Union[int, bool, torch.Tensor]]] = None
+                 ) -> "ScoredModel":
+        """Switch to the extracted chain.
+
+        Removed regions (gate 0) are the identity and their convs are not run; kept regions
+        (gate 1) are not blended; scores are fixed buffers (0 where a filter is removed).
+
+        Args:
+            kept_scores (dict layer -> Tensor[C_out]): final scores; layers left out keep
+                their current learned scores.
+            gates (dict region -> 0 or 1): regions left out are binarised from their
+                current gate, kept when ``G >= 0.5``.
+
+        Returns:
+            self.
+        """
+        kept_scores, gates = dict(kept_scores or {}), dict(gates or {})
+        for arg, given, known in (("kept_scores", kept_scores, self._score_keys),
+                                  ("gates", gates, self._gate_keys)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise ValueError(f"{arg} has unknown names {unknown[:5]}; expected names among "
+                                 f"{list(known)[:5]}...")
+        holder = nn.Module()
+        for name, key in self._score_keys.items():
+            param = self.net.scores[key]
+            value = torch.as_tensor(kept_scores.get(name, param)).detach()
+            if value.shape != param.shape:
+                raise ValueError(f"kept_scores[{name!r}] must have shape {tuple(param.shape)}, "
+                                 f"got {tuple(value.shape)}")
+            holder.register_buffer(key, value.to(param).clone())
+        hard_gates = {name: _gate_value(gates[name]) if name in gates
+                      else int(self.gate(name).item() >= 0.5) for name in self._gate_keys}
+        self.net.hard_scores = holder
+        self.net.graph = self._harden({n for n, g in hard_gates.items() if g == 0})
+        self.net.graph.eliminate_dead_code()  # needs the owning module for purity checks
+        self.net.recompile()
+        self.hard, self.hard_gates = True, hard_gates
+        return self
+
+    def soft(self) -> "ScoredModel":
+        """Back to learnable scores and blended gates. Returns self."""
+        self.net.graph = copy.deepcopy(self._template)
+        self.hard, self.hard_gates = False, {}
+        return self
+
+    def train(self, mode: bool = True) -> "ScoredModel":
+        super().train(mode)
+        self.net.model.eval()
+        return self
+
+    # ---- parameters -------------------------------------------------------------------
+
+    @property
+    def scores(self) -> nn.ParameterDict:
+        return self.net.scores
+
+    @property
+    def gate_logits(self) -> nn.ParameterDict:
+        return self.net.gate_logits
+
+    def score(self, name: str) -> nn.Parameter:
+        """Learnable scores ``Tensor[C_out]`` of layer ``name`` (a module path)."""
+        if name not in self._score_keys:
+            raise ValueError(f"name must be a scored layer, got {name!r}")
+        return self.net.scores[self._score_keys[name]]
+
+    def unit(self, name: str) -> nn.Module:
+        """The scored-conv (or scored-linear) module of layer ``name``, e.g. for hooks; its
+        output is the unit's output (after the activation, and the fused gate if any)."""
+        self.score(name)
+        return self.net.units[self._score_keys[name]]
+
+    def hard_score(self, name: str) -> torch.Tensor:
+        """Fixed scores of layer ``name`` used in hard mode."""
+        if not self.hard:
+            raise ValueError("hard_score needs hard mode; call set_hard first")
+        self.score(name)
+        return getattr(self.net.hard_scores, self._score_keys[name])
+
+    def gate_logit(self, name: str) -> nn.Parameter:
+        """0-d gate logit ``alpha`` of region ``name``."""
+        if name not in self._gate_keys:
+            raise ValueError(f"name must be a gated region, got {name!r}")
+        return self.net.gate_logits[self._gate_keys[name]]
+
+    def gate(self, name: str) -> torch.Tensor:
+        """Gate value ``G = sigmoid(alpha / T)`` of region ``name`` (differentiable)."""
+        return torch.sigmoid(self.gate_logit(name) / self.temperature)
+
+    def named_scores(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """``(layer name, Tensor[C_out])`` in graph order."""
+        for name, key in self._score_keys.items():
+            yield name, self.net.scores[key]
+
+    def named_gate_logits(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """``(region name, 0-d alpha)`` in graph order."""
+        for name, key in self._gate_keys.items():
+            yield name, self.net.gate_logits[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the scored (or hard) network for ``x (Tensor[N, C, H, W])``."""
+        return self.net(x)
