@@ -1,7 +1,20 @@
-"""nchains: local inference chains of CNNs, with a compiled C++/CUDA core."""
+"""nchains: local inference chains of CNNs, with a compiled C++/CUDA core.
+
+Example:
+    >>> import nchains
+    >>> model = nchains.zoo.default_model()
+    >>> images, labels, _ = nchains.zoo.default_images(["sneaker", "ankle-boot"], per_class=10)
+    >>> chain = nchains.extract(model, images)
+    >>> print(chain.describe())
+"""
 
 from . import ops
+from .analysis import ModelGraph, analyze
+from .chain import Chain
+from .config import NeuroChainsConfig
+from .extract import extract
+from .scoring import ScoredModel
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "__version__"]
+__all__ = ["Chain", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "analyze", "extract", "ops", "__version__"]
