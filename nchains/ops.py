@@ -1,7 +1,7 @@
 """Typed Python API over the compiled ops ``torch.ops.nchains.*``.
 
 Every op has a CPU kernel and a CUDA kernel (compiled when the extension is built with CUDA),
-a fake (meta) kernel for ``torch.compile``/``torch.export``, an autograd formula whose
+a fake (meta) kernel for ``torch.compile``/``torch.export``, a C++ autograd kernel whose
 backward is an op of its own, and a pure-PyTorch reference in :mod:`nchains._reference`.
 
 Supported dtypes are float32 and float64; any strides are accepted (contiguous, channels_last
@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from . import _C  # noqa: F401  (loads the shared library, registering torch.ops.nchains)
-from . import _autograd, _fake  # noqa: F401  (registrations)
+from . import _fake  # noqa: F401  (fake kernels; autograd kernels live in csrc/autograd)
 
 IntOrPair = Union[int, Sequence[int]]
 
