@@ -56,8 +56,10 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _run_phase(params: List[torch.Tensor], loss_fn, steps: int, lr: float, stop_delta: Optional[float],
-               desc: str, progress: bool, grad_mask: Optional[Dict[int, torch.Tensor]] = None) -> List[float]:
-    """Adam on ``params`` for ``steps`` iterations; returns the loss history."""
+               stop_window: int, desc: str, progress: bool,
+               grad_mask: Optional[Dict[int, torch.Tensor]] = None) -> List[float]:
+    """Adam on ``params`` for up to ``steps`` iterations, stopping once the loss changed by less
+    than ``stop_delta`` over ``stop_window`` steps; returns the loss history."""
     opt = torch.optim.Adam(params, lr=lr)
     history: List[float] = []
     bar = _progress(steps, desc, progress)
@@ -75,10 +77,10 @@ def _run_phase(params: List[torch.Tensor], loss_fn, steps: int, lr: float, stop_
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4f}", kl=f"{float(kl):.4f}")
-            if stop_delta is not None and history and abs(history[-1] - value) < stop_delta:
-                history.append(value)
-                break
             history.append(value)
+            if (stop_delta is not None and len(history) > stop_window
+                    and abs(history[-1 - stop_window] - value) < stop_delta):
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -113,7 +115,7 @@ def _finetune(sm: ScoredModel, images, target_logp, cfg: NeuroChainsConfig, prog
         return kl, kl.detach()
 
     try:
-        return _run_phase(params, loss_fn, cfg.finetune_steps, cfg.finetune_lr, cfg.stop_delta, "fine-tune",
+        return _run_phase(params, loss_fn, cfg.finetune_steps, cfg.finetune_lr, cfg.stop_delta, cfg.stop_window, "fine-tune",
                           progress, masks)
     finally:
         for p in params:
@@ -235,7 +237,8 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
             loss = loss + cfg.lam_gate * torch.stack(alphas).sum()
         return loss, kl.detach()
 
-    history = _run_phase(scores + alphas, loss_fn, cfg.steps, cfg.lr, cfg.stop_delta, "scoring", progress)
+    history = _run_phase(scores + alphas, loss_fn, cfg.steps, cfg.lr, cfg.stop_delta, cfg.stop_window, "scoring",
+                         progress)
     kept_scores, gates = _threshold(sm, graph, cfg.tau)
     sm.set_hard(kept_scores, gates)
     finetune_history: List[float] = []
