@@ -1,0 +1,100 @@
+"""The Chain artifact: persistence, application to the model, comparison, reports."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import nchains
+from nchains import Chain
+
+from _models import DigitsNet, digits_region, trained_digits_net
+
+
+@pytest.fixture(scope="module")
+def chains():
+    net = trained_digits_net()
+    a_images, _ = digits_region((3, 8))
+    b_images, _ = digits_region((1, 7))
+    kw = dict(steps=60, finetune_steps=10, lam=0.004, lam_gate=0.3)
+    return net, a_images, nchains.extract(net, a_images, **kw), nchains.extract(net, b_images, **kw)
+
+
+def test_save_load_round_trip(tmp_path, chains):
+    net, images, chain, _ = chains
+    path = tmp_path / "chain.json"
+    chain.save(path)
+    loaded = Chain.load(path)
+    assert loaded.to_dict() == json.loads(json.dumps(chain.to_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.apply(net)(images), chain.apply(net)(images), rtol=0, atol=0)
+    data = json.loads(path.read_text())
+    assert data["format"] == "nchains.chain" and data["version"] == 1
+
+
+def test_save_is_atomic(tmp_path, chains, monkeypatch):
+    _, _, chain, _ = chains
+    path = tmp_path / "chain.json"
+    path.write_text("previous")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(RuntimeError):
+        chain.save(path)
+    assert path.read_text() == "previous"
+    assert sorted(os.listdir(tmp_path)) == ["chain.json"]
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "does not exist"), ("not json", "not a chain JSON file"), ('{"a": 1}', "not an nchains chain"),
+    ('{"format": "nchains.chain", "version": 99}', "version 99 is not supported"),
+    ('{"format": "nchains.chain", "version": 1, "kept": {}}', "malformed chain"),
+])
+def test_load_rejects_bad_files(tmp_path, content, match):
+    path = tmp_path / "bad.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        Chain.load(path)
+
+
+def test_apply_refuses_another_model(chains):
+    _, _, chain, _ = chains
+    with pytest.raises(ValueError, match="weights hash"):
+        chain.apply(DigitsNet())
+
+
+def test_jaccard_and_shared_match_set_arithmetic(chains):
+    _, _, a, b = chains
+    sa = {(l, i) for l, idx in a.kept.items() for i in idx}
+    sb = {(l, i) for l, idx in b.kept.items() for i in idx}
+    assert a.jaccard(b) == pytest.approx(len(sa & sb) / len(sa | sb))
+    assert a.jaccard(b) == b.jaccard(a)
+    assert a.jaccard(a) == 1.0
+    shared = a.shared(b)
+    assert {(l, i) for l, idx in shared.items() for i in idx} == sa & sb
+    assert all(idx == sorted(idx) and idx for idx in shared.values())
+    with pytest.raises(TypeError, match="other must be a Chain"):
+        a.jaccard("b")
+
+
+def test_summary_lists_every_layer_and_the_metrics(chains):
+    _, _, chain, _ = chains
+    text = chain.summary()
+    for name, size in chain.layer_sizes.items():
+        assert f"{len(chain.kept[name])}/{size}" in text
+        assert chain.labels[name] in text
+    assert f"filters kept {chain.metrics['filters_kept']}/{chain.metrics['filters_total']}" in text
+    assert "Conv1" in text and "L2B1SC" in text
+
+
+def test_describe_is_paper_style(chains):
+    _, _, chain, _ = chains
+    lines = chain.describe().splitlines()
+    assert lines[0].startswith("Inference chain:")
+    for line, (cls, path) in zip(lines[1:], chain.paths.items()):
+        assert line.startswith(f"{cls}: ")
+        assert line.split(": ", 1)[1] == " → ".join(f"{chain.labels[l]}_{i}" for l, i, _ in path)
