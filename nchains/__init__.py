@@ -11,10 +11,13 @@ Example:
 from . import ops
 from .analysis import ModelGraph, analyze
 from .chain import Chain
+from .compact import compact
 from .config import NeuroChainsConfig
 from .extract import extract
+from .export import ExportError, export
 from .scoring import ScoredModel
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "analyze", "extract", "ops", "__version__"]
+__all__ = ["Chain", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "analyze", "compact", "export",
+           "extract", "ops", "__version__"]

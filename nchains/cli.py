@@ -30,7 +30,12 @@ def _csv(text: Optional[str]) -> Optional[List[str]]:
     return items
 
 
-def _images_for(args, spec) -> tuple:
+def _in_channels(model) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def _images_for(args, spec, model) -> tuple:
     """(images, class names of the model outputs or None, description of the data)."""
     from . import zoo
 
@@ -39,11 +44,11 @@ def _images_for(args, spec) -> tuple:
                                                confident=args.confident)
         return images, zoo.default_class_names(), f"{len(images)} shipped Fashion-MNIST test images"
     if args.images is None:
-        raise ValueError("--images DIR is required with --model torchvision:NAME")
+        raise ValueError("--images DIR is required with a --model other than the default")
     from .data import load_image_folder
 
     images, labels, folder_classes, paths = load_image_folder(
-        args.images, size=args.size, preprocessing=args.preprocessing, grayscale=spec["kind"] == "default")
+        args.images, size=args.size, preprocessing=args.preprocessing, grayscale=_in_channels(model) == 1)
     wanted = _csv(args.classes)
     if wanted is not None:
         if folder_classes is None:
@@ -62,7 +67,7 @@ def _images_for(args, spec) -> tuple:
             keep[torch.nonzero(labels == k).flatten()[: args.per_class]] = True
         images = images[keep]
     names = None
-    if spec["kind"] == "torchvision":
+    if spec["kind"] == "torchvision" and not spec.get("num_classes"):
         try:
             import torchvision
 
@@ -91,7 +96,7 @@ def _cmd_extract(args) -> int:
         raise ValueError(f"--out {args.out!r} is a directory; give a file name such as chain.json")
     spec = parse_model_spec(args.model, args.weights, args.num_classes)
     model = load_model(spec)
-    images, class_names, what = _images_for(args, spec)
+    images, class_names, what = _images_for(args, spec, model)
     if not args.quiet and not args.json:
         print(f"extracting the inference chain of {spec.get('name', 'the default model')} on {what}",
               file=sys.stderr)
@@ -124,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Extract the local inference chain of a CNN on images from one local region. "
                                    "Without --model it runs on the shipped Fashion-MNIST ResNet and its images.")
     p.add_argument("--model", default=None,
-                   help="'default' (shipped Fashion-MNIST ResNet) or torchvision:NAME (e.g. torchvision:resnet50)")
+                   help="'default' (shipped Fashion-MNIST ResNet), torchvision:NAME (e.g. torchvision:resnet50), "
+                        "or a TorchScript (.pt/.ts) / torch.export (.pt2) FILE")
     p.add_argument("--weights", default=None, help="state_dict file (.pt/.pth/.safetensors) for --model torchvision:NAME")
     p.add_argument("--num-classes", type=int, default=None, help="outputs of a torchvision model (default: from weights)")
     p.add_argument("--images", default=None,

@@ -2,7 +2,9 @@
 
 A spec is a dict stored in each chain (``Chain.model_spec``) so a chain knows its model:
 ``{"kind": "default"}`` (the shipped Fashion-MNIST ResNet) or
-``{"kind": "torchvision", "name": "resnet50", "weights": "FILE", "num_classes": 1000}``.
+``{"kind": "torchvision", "name": "resnet50", "weights": "FILE", "num_classes": 1000}`` or
+``{"kind": "file", "path": "model.pt2"}`` (a TorchScript or torch.export file, see
+:mod:`nchains.model_import`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ def parse_model_spec(model: Optional[str], weights: Optional[str], num_classes: 
         if num_classes is not None:
             spec["num_classes"] = int(num_classes)
         return spec
-    raise ValueError(f"--model must be 'default' or 'torchvision:NAME', got {model!r}")
+    if os.path.exists(model) or model.endswith((".pt", ".ts", ".pt2", ".pth")):
+        if weights is not None:
+            raise ValueError("--weights goes with --model torchvision:NAME; a model FILE carries its weights")
+        if not os.path.isfile(model):
+            raise ValueError(f"--model {model!r} does not exist or is not a file")
+        return {"kind": "file", "path": os.path.abspath(model)}
+    raise ValueError(f"--model must be 'default', 'torchvision:NAME' or a TorchScript/torch.export FILE, got {model!r}")
 
 
 def load_model(spec: Dict[str, Any]) -> nn.Module:
@@ -81,4 +89,8 @@ def load_model(spec: Dict[str, Any]) -> nn.Module:
                 first = str(exc).strip().splitlines()[0]
                 raise ValueError(f"--weights does not fit torchvision:{spec['name']}: {first}") from None
         return model.eval()
+    if kind == "file":
+        from .model_import import load_model_file
+
+        return load_model_file(spec["path"]).eval()
     raise ValueError(f"unknown model spec {spec!r}")

@@ -64,7 +64,7 @@ def test_extract_torchvision_model_on_an_image_folder(tmp_path, capsys):
 @pytest.mark.parametrize("argv,needle", [
     (["extract", "--classes", "sneaker,unicorn"], "unicorn"),
     (["extract", "--per-class", "0"], "--per-class must be >= 1"),
-    (["extract", "--model", "foo"], "--model must be 'default' or 'torchvision:NAME'"),
+    (["extract", "--model", "foo"], "--model must be 'default', 'torchvision:NAME' or a"),
     (["extract", "--model", "torchvision:nope"], "not a torchvision classification model"),
     (["extract", "--weights", "w.pt"], "--weights needs --model torchvision:NAME"),
     (["extract", "--model", "torchvision:resnet18"], "--images DIR is required"),
@@ -99,3 +99,21 @@ def test_console_script_help_and_error():
     bad = subprocess.run([sys.executable, "-m", "nchains.cli", "extract", "--per-class", "0"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_extract_on_a_torch_export_file(tmp_path, capsys):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    ep = torch.export.export(model, (torch.randn(1, 3, 32, 32),))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()).save(tmp_path / "imgs" / f"{i}.png")
+    code, out, err = _run(capsys, "extract", "--model", str(tmp_path / "m.pt2"), "--images", str(tmp_path / "imgs"),
+                          "--size", "32", "--steps", "2", "--no-finetune", "--quiet", "--out", str(tmp_path / "c.json"))
+    assert code == 0, err
+    chain = Chain.load(tmp_path / "c.json")
+    assert chain.model_spec == {"kind": "file", "path": str(tmp_path / "m.pt2")}
+    assert chain.labels["layer4.0.conv2"] == "L4B1C2"
