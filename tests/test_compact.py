@@ -1,0 +1,289 @@
+"""The compact model equals the masked model, with physically smaller layers and no dead convs."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from nchains._io import hash_model
+from nchains.analysis import analyze
+from nchains.chain import Chain
+from nchains.compact import compact
+
+
+# ---- helpers (also used by test_export.py and test_cpp_client.py) ------------------------------
+
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random BN running stats and affine, random conv biases: every constant is nonzero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.randn(m.num_features, generator=g) * 0.5 + 1)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+            elif isinstance(m, nn.Conv2d) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.out_channels, generator=g) * 0.3)
+    return model.eval()
+
+
+def make_chain(model: nn.Module, x: torch.Tensor, seed: int = 0, p_keep: float = 0.5, p_gate: float = 0.7,
+               p_dead: float = 0.1, kept=None, gates=None) -> Chain:
+    """A chain with random kept sets and gates (stress test of the channel bookkeeping)."""
+    g = analyze(model, x[:1])
+    rng = random.Random(seed)
+    kept_all, scores, sizes = {}, {}, {}
+    for name, u in g.layers.items():
+        k = sorted(i for i in range(u.out_channels) if rng.random() < p_keep)
+        if rng.random() < p_dead:
+            k = []
+        if kept is not None and name in kept:
+            k = list(kept[name])
+        kept_all[name] = k
+        scores[name] = [rng.uniform(0.5, 1.5) for _ in k]
+        sizes[name] = u.out_channels
+    all_gates = {r: int(rng.random() < p_gate) for r in g.regions}
+    all_gates.update(gates or {})
+    return Chain(kept=kept_all, scores=scores, gates=all_gates, config={}, seed=0, model_hash=hash_model(model),
+                 images_hash="", metrics={"filters_kept": sum(map(len, kept_all.values())),
+                                          "filters_total": sum(sizes.values())},
+                 layer_sizes=sizes, labels=dict(g.label_of),
+                 regions={n: {"kind": r.kind, "layers": list(r.units)} for n, r in g.regions.items()},
+                 input_shape=list(x.shape[1:]), class_names=None)
+
+
+class MixedNet(nn.Module):
+    """Depthwise and grouped convs, residual adds, a concat, a standalone (pre-activation) BN,
+    SiLU, a spatial flatten into a hidden Linear."""
+
+    def __init__(self, classes: int = 7):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 24, 1, bias=False)
+        self.pw_bn = nn.BatchNorm2d(24)
+        self.grp = nn.Conv2d(24, 24, 3, padding=1, groups=4, bias=False)
+        self.grp_bn = nn.BatchNorm2d(24)
+        self.br_a = nn.Conv2d(24, 8, 1)
+        self.br_b = nn.Conv2d(24, 12, 3, padding=1)
+        self.pre_bn = nn.BatchNorm2d(20)
+        self.post = nn.Conv2d(20, 24, 3, padding=1, bias=False)
+        self.post_bn = nn.BatchNorm2d(24)
+        self.down = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.head_bn = nn.BatchNorm2d(32)
+        self.fc1 = nn.Linear(32 * 4 * 4, 40)
+        self.fc2 = nn.Linear(40, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + F.silu(self.dw_bn(self.dw(x)))
+        x = F.relu(self.pw_bn(self.pw(x)))
+        x = torch.relu(x + self.grp_bn(self.grp(x)))
+        c = torch.cat([self.br_a(x), self.br_b(x)], 1)
+        c = F.relu(self.pre_bn(c))
+        x = x + self.post_bn(self.post(c))
+        x = F.max_pool2d(x, 2)
+        x = F.adaptive_avg_pool2d(F.relu(self.head_bn(self.down(x))), 4)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+def mixed_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize(MixedNet(), seed)
+
+
+def assert_matches(chain: Chain, model: nn.Module, x: torch.Tensor, **kw) -> nn.Module:
+    small = compact(chain, model, **kw)
+    with torch.no_grad():
+        ref, got = chain.apply(model)(x), small(x)
+    assert got.shape == ref.shape
+    err = float((got - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+    assert err <= 1e-5, err
+    return small
+
+
+def convs(small: nn.Module):
+    return {name: m for name, m in small.named_children() if isinstance(m, nn.Conv2d)}
+
+
+# ---- equality with the masked model ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return randomize(torchvision.models.resnet18(num_classes=10))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_resnet18_random_chains(resnet18, seed):
+    x = torch.randn(3, 3, 32, 32)
+    small = assert_matches(make_chain(resnet18, x, seed=seed), resnet18, x)
+    assert small(torch.randn(1, 3, 32, 32)).shape == (1, 10)  # any batch size
+
+
+def test_resnet50_small_input():
+    torch.manual_seed(0)
+    model = randomize(torchvision.models.resnet50(num_classes=10))
+    x = torch.randn(2, 3, 32, 32)
+    assert_matches(make_chain(model, x, seed=3, p_keep=0.4), model, x)
+
+
+def test_vgg11_bn():
+    torch.manual_seed(0)
+    model = randomize(torchvision.models.vgg11_bn(num_classes=10))
+    model.avgpool = nn.AdaptiveAvgPool2d(2)  # a small classifier for a fast test
+    model.classifier = nn.Sequential(nn.Linear(512 * 4, 256), nn.ReLU(True), nn.Dropout(), nn.Linear(256, 10))
+    x = torch.randn(2, 3, 32, 32)
+    chain = make_chain(model, x, seed=1, p_dead=0.0, p_gate=0.8)
+    small = assert_matches(chain, model, x)
+    # the flatten of the pruned features shrinks the first Linear
+    assert small.classifier_0.in_features == 4 * len(small.nchains_layers["features.25"]["out"])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_architecture(seed):
+    model = mixed_net()
+    x = torch.randn(3, 3, 16, 16)
+    assert_matches(make_chain(model, x, seed=seed, p_gate=1.0, p_dead=0.05), model, x)
+    assert_matches(make_chain(model, x, seed=seed + 100, p_gate=0.5), model, x, keep_scores=True)
+
+
+@pytest.mark.parametrize("build", [mixed_net, lambda: randomize(torchvision.models.resnet18(num_classes=10))],
+                         ids=["mixed", "resnet18"])
+def test_extracted_chain(build):
+    model = build()
+    x = torch.randn(4, 3, 16, 16)
+    import nchains
+
+    chain = nchains.extract(model, x, steps=30, finetune_steps=0, lr=0.05)
+    assert_matches(chain, model, x)
+    assert_matches(chain, model, torch.randn(3, 3, 16, 16))
+
+
+# ---- structure ----------------------------------------------------------------------------------
+
+def test_reduced_shapes_and_residual_index_add(resnet18):
+    x = torch.randn(2, 3, 32, 32)
+    chain = make_chain(resnet18, x, seed=4, p_dead=0.0, p_gate=1.0)
+    small = assert_matches(chain, resnet18, x)
+    model_convs = dict(resnet18.named_modules())
+    for name, info in small.nchains_layers.items():
+        if info["module"] is None or name not in chain.kept:
+            continue
+        conv = getattr(small, info["module"])
+        assert info["out"] == chain.kept[name]
+        assert conv.weight.shape[:2] == (len(info["out"]), len(info["in"]))
+        assert conv.weight.shape[2:] == model_convs[name].weight.shape[2:]
+    code = small.code
+    # Each block's last conv keeps its own subset of the stream: added back with index_add.
+    assert "index_add" in code
+    assert "nchains" not in code
+
+
+def test_dead_layer_does_not_run_and_constants_fold(resnet18):
+    x = torch.randn(2, 3, 32, 32)
+    # layer1.0.conv1 removed: conv2 sees only zeros, so its output is the constant score * BN shift,
+    # which flows into the stream and, through zero padding, into the next convs' borders.
+    chain = make_chain(resnet18, x, seed=5, p_dead=0.0, p_gate=1.0, kept={"layer1.0.conv1": []})
+    small = assert_matches(chain, resnet18, x)
+    assert small.nchains_layers["layer1.0.conv1"]["module"] is None
+    assert small.nchains_layers["layer1.0.conv2"]["module"] is None
+    assert chain.kept["layer1.0.conv2"]
+    calls = []
+    hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in convs(small).values()]
+    small(x)
+    for h in hooks:
+        h.remove()
+    live_layers = [n for n, i in small.nchains_layers.items() if i["module"] and n in chain.kept]
+    assert len(calls) == len(convs(small)) == len(live_layers) == 18
+    assert any("correction" in name for name, _ in small.named_buffers())
+
+
+def test_nonzero_constant_through_standalone_bn():
+    model = mixed_net()
+    x = torch.randn(2, 3, 16, 16)
+    # br_a removed: pre_bn turns its zero maps into constants, relu keeps them, post (padding 1)
+    # sees constant channels whose contribution varies at the borders.
+    chain = make_chain(model, x, seed=7, p_dead=0.0, p_gate=1.0, kept={"br_a": []})
+    for keep_scores in (False, True):
+        small = assert_matches(chain, model, x, keep_scores=keep_scores)
+        assert "br_a" not in convs(small)
+        assert hasattr(small, "post_correction")
+
+
+def test_all_filters_removed_gives_constant_logits(resnet18):
+    x = torch.randn(2, 3, 32, 32)
+    chain = make_chain(resnet18, x, p_gate=1.0, kept={"conv1": []})
+    small = assert_matches(chain, resnet18, x)
+    assert not convs(small)
+    out = small(torch.randn(5, 3, 32, 32))
+    assert out.shape == (5, 10) and torch.equal(out[0], out[4])
+
+
+def test_grouped_convs_keep_their_grouping():
+    model = mixed_net()
+    x = torch.randn(2, 3, 16, 16)
+    kept = {"dw": [0, 3, 4, 9, 15], "grp": [0, 1, 7, 8, 9, 10, 11, 20], "stem.0": list(range(16)),
+            "pw": list(range(24))}
+    chain = make_chain(model, x, p_gate=1.0, p_dead=0.0, kept=kept)
+    small = assert_matches(chain, model, x)
+    assert small.dw.groups == 5 and small.dw.weight.shape == (5, 1, 3, 3)
+    # groups of 6 filters: kept 2, 5, 0, 1 -> 3 groups padded to 5 filters each, padding dropped after
+    assert small.grp.groups == 3 and small.grp.weight.shape == (15, 6, 3, 3)
+    assert "grp_out" in dict(small.named_buffers())
+
+
+# ---- exact copies -------------------------------------------------------------------------------
+
+def test_keep_scores_weights_are_bit_exact_copies():
+    model = mixed_net()
+    x = torch.randn(2, 3, 16, 16)
+    chain = make_chain(model, x, seed=2, p_gate=1.0, p_dead=0.0)
+    small = assert_matches(chain, model, x, keep_scores=True)
+    modules = dict(model.named_modules())
+    checked = 0
+    for name, info in small.nchains_layers.items():
+        if info["module"] is None:
+            continue
+        new, old = getattr(small, info["module"]), modules[name]
+        out = torch.as_tensor(info["out"])
+        if isinstance(old, nn.Conv2d) and old.groups == 1:
+            assert torch.equal(new.weight, old.weight[out][:, torch.as_tensor(info["in"])])
+            if old.bias is not None:
+                assert torch.equal(new.bias, old.bias[out])
+            checked += 1
+        elif isinstance(old, nn.Linear):
+            assert torch.equal(new.weight, old.weight[out][:, torch.as_tensor(info["in"])])
+    assert checked >= 4
+    bn = small.pw_bn
+    kept = torch.as_tensor(small.nchains_layers["pw"]["out"])
+    assert torch.equal(bn.weight, model.pw_bn.weight[kept]) and torch.equal(bn.running_var, model.pw_bn.running_var[kept])
+
+
+def test_default_mode_folds_bn():
+    model = mixed_net()
+    x = torch.randn(2, 3, 16, 16)
+    small = assert_matches(make_chain(model, x, seed=1, p_gate=1.0), model, x)
+    names = {n for n, m in small.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert names <= {"pre_bn"}  # only the standalone BN (not after a conv) stays a BN
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+def test_errors(resnet18):
+    x = torch.randn(1, 3, 32, 32)
+    chain = make_chain(resnet18, x)
+    with pytest.raises(TypeError, match="chain"):
+        compact({"kept": {}}, resnet18)
+    with pytest.raises(TypeError, match="model"):
+        compact(chain, "resnet18")
+    with pytest.raises(TypeError, match="keep_scores"):
+        compact(chain, resnet18, keep_scores="yes")
+    other = torchvision.models.resnet18(num_classes=10)
+    with pytest.raises(ValueError, match="hash"):
+        compact(chain, other)
