@@ -12,6 +12,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     || echo "[setup] warning: could not install dataset-fashion-mnist (only training the default model needs it)"
 fi
 
+# cmake and g++ build tools/cpp_client (the libtorch client test).
+if { ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; } && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  echo "[setup] apt-get install cmake g++"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ >/dev/null) \
+    || echo "[setup] warning: could not install cmake/g++ (only the C++ client test needs them)"
+fi
+
 if ! "$PY" -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')) else 1)" 2>/dev/null; then
   echo "[setup] pip install torch==2.14.1 torchvision==0.29.1"
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
