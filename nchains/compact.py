@@ -38,7 +38,7 @@ from torch import fx, nn
 
 from .analysis import ConvUnit, LinearUnit, ModelGraph, analyze, is_tensor
 from .chain import Chain
-from .scoring import _out_of_place
+from .scoring import _out_of_place, fold_bn64
 
 __all__ = ["compact"]
 
@@ -66,18 +66,9 @@ def _positions(live: Sequence[int], subset: Sequence[int]) -> List[int]:
 
 
 def _fold64(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Conv + eval-mode BN as one float64 (weight, bias), as :func:`nchains.scoring._fold`."""
-    w = conv.weight.detach().double()
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if conv.bias is None else conv.bias.detach().double()
-    if bn is not None:
-        s = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-        shift = torch.zeros_like(s)
-        if bn.weight is not None:
-            s = s * bn.weight.detach().double()
-            shift = bn.bias.detach().double()
-        b = (b - bn.running_mean.detach().double()) * s + shift
-        w = w * s.view(-1, 1, 1, 1)
-    return w, b
+    """Conv + eval-mode BN as one float64 (weight, bias), bias zeros when absent."""
+    w, b = fold_bn64(conv, bn)
+    return w, torch.zeros(w.shape[0], dtype=torch.float64) if b is None else b
 
 
 def _slice_bn(bn: nn.BatchNorm2d, idx: Sequence[Optional[int]]) -> nn.BatchNorm2d:

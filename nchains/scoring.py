@@ -38,11 +38,10 @@ _INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.i
             operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: torch.relu}
 
 
-def _fold(conv: nn.Conv2d,
-          bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fold eval-mode BN into the conv: ``w * s``, ``(b - mean) * s + beta``,
-    ``s = gamma / sqrt(var + eps)`` (computed in float64)."""
-    dtype = conv.weight.dtype
+def fold_bn64(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]
+              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Fold eval-mode BN into the conv in float64: ``w * s``, ``(b - mean) * s + beta``,
+    ``s = gamma / sqrt(var + eps)``; the bias is None when neither conv nor BN has one."""
     w = conv.weight.detach().double()
     b = None if conv.bias is None else conv.bias.detach().double()
     if bn is not None:
@@ -53,6 +52,14 @@ def _fold(conv: nn.Conv2d,
             shift = bn.bias.detach().double()
         b = ((0.0 if b is None else b) - bn.running_mean.detach().double()) * s + shift
         w = w * s.view(-1, 1, 1, 1)
+    return w, b
+
+
+def _fold(conv: nn.Conv2d,
+          bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`fold_bn64` cast back to the conv's dtype."""
+    w, b = fold_bn64(conv, bn)
+    dtype = conv.weight.dtype
     return w.to(dtype), None if b is None else b.to(dtype)
 
 
