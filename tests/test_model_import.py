@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import fx, nn
 
-from nchains import model_import
+from nchains._model_import import convert_torchscript
 from nchains.analysis import analyze
 from nchains.model_import import load_model_file, looks_like_model_file
 
@@ -234,7 +234,7 @@ def test_torchscript_resnet18(resnet18, tmp_path, kind):
 def test_torchscript_without_module_path_tags(small_cnn, tmp_path, monkeypatch):
     """If the private converter API changes, the plain converter still gives layers named
     by their weights (no block structure)."""
-    monkeypatch.setattr(model_import, "_tagging_converter", lambda: None)
+    monkeypatch.setattr(convert_torchscript, "_tagging_converter", lambda: None)
     x = torch.randn(2, 3, 8, 8)
     model = load_model_file(_save(small_cnn, x, "script", tmp_path / "cnn.pt"), example_input=x)
     _assert_same(model, small_cnn, (3, 3, 8, 8))
