@@ -35,8 +35,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--weights", default=None, help="state_dict file for --model torchvision:NAME")
     p.add_argument("--num-classes", type=int, default=None, help="outputs of a torchvision model")
     p.add_argument("--images", default=None,
-                   help="folder of images to verify on (default: the chain's images when they can be rebuilt for "
-                        "the shipped model, plus random inputs)")
+                   help="folder of images to verify on (default: the chain's own images, rebuilt from how "
+                        "`nchains extract` chose them and checked against their hash, plus random inputs)")
     p.add_argument("--size", type=int, default=224, help="image size for --images (default 224)")
     p.add_argument("--preprocessing", choices=["imagenet", "none"], default="imagenet",
                    help="preprocessing of --images (default imagenet)")
@@ -55,9 +55,40 @@ def add_commands(subparsers) -> None:
     q.set_defaults(func=cmd_inspect)
 
 
+def _chain_images(chain, spec) -> Tuple[Optional[torch.Tensor], str, Optional[str]]:
+    """(images, what they are, warning or None) to verify the export of ``chain`` on.
+
+    The chain's own images, rebuilt from ``chain.images_source`` by the function ``nchains
+    extract`` picked them with, when their hash matches ``chain.images_hash``. Otherwise (a chain
+    without a source, or data that changed since: then the warning says so) for the shipped model
+    :func:`_default_chain_images`, and no images for other models."""
+    from ._image_source import images_from_source
+    from ._io import hash_tensor
+
+    warning = None
+    if chain.images_source is not None:
+        try:
+            images, what = images_from_source(chain.images_source)
+        except (ValueError, TypeError, FileNotFoundError) as exc:
+            warning = f"the chain's images could not be rebuilt from its images_source: {exc}"
+        else:
+            got = hash_tensor(images)
+            if got == chain.images_hash:
+                return images, f"the chain's {what} (rebuilt from its images_source, hash verified)", None
+            warning = (f"the chain's images could not be rebuilt: its images_source gives {what} whose hash "
+                       f"{got[:12]}… differs from the chain's images_hash {chain.images_hash[:12]}… "
+                       "(has the data changed?)")
+    if spec.get("kind") == "default":
+        images, what = _default_chain_images(chain)
+    else:
+        images, what = None, "no images (pass --images to verify on real ones)"
+    return images, what, warning
+
+
 def _default_chain_images(chain) -> Tuple[Optional[torch.Tensor], str]:
-    """The chain's images rebuilt from the shipped sample (hash-checked), else sample images of
-    the chain's classes; the chain records only the images' hash, not how they were picked."""
+    """For chains that do not record their images_source (version-1 files) or whose source no
+    longer gives their images: the chain's images found by trying common ``per_class`` values and
+    class orders of the shipped sample (hash-checked), else sample images of the chain's classes."""
     from . import zoo
     from ._io import hash_tensor
 
@@ -103,7 +134,7 @@ def cmd_export(args) -> int:
         chain.check_model(model)
     except ValueError as exc:
         raise ValueError(f"--model/--weights: {exc}") from None
-    preprocessing = None
+    preprocessing, warning = None, None
     if args.images is not None:
         from .data import load_image_folder
 
@@ -112,18 +143,22 @@ def cmd_export(args) -> int:
         what = f"{len(images)} images from {args.images}"
         if spec.get("kind") != "default":
             preprocessing = {"kind": args.preprocessing, "size": args.size}
-    elif spec.get("kind") == "default":
-        images, what = _default_chain_images(chain)
     else:
-        images, what = None, "no images (pass --images to verify on real ones)"
+        images, what, warning = _chain_images(chain, spec)
+        source = chain.images_source or {}
+        if source.get("kind") == "folder" and spec.get("kind") != "default":
+            preprocessing = {"kind": source.get("preprocessing"), "size": source.get("size")}
     if images is not None and list(images.shape[1:]) != list(chain.input_shape):
         raise ValueError(f"--images gives inputs of shape {list(images.shape[1:])} but the chain's input shape "
                          f"is {chain.input_shape} (check --size)")
     quiet = args.quiet or args.json
+    if warning is not None and not args.quiet:
+        print(f"nchains: warning: {warning}", file=sys.stderr)
     if not quiet:
         print(f"exporting to {args.out}; verifying on {what} and random inputs", file=sys.stderr)
+    note = what if warning is None else f"{warning}; verified on {what} instead"
     manifest = export(chain, model, args.out, formats=formats, images=images, keep_scores=args.keep_scores,
-                      preprocessing=preprocessing, progress=not quiet)
+                      preprocessing=preprocessing, progress=not quiet, images_note=note)
     if args.json:
         print(json.dumps(manifest, indent=1))
     elif not args.quiet:

@@ -13,7 +13,11 @@ from torch import nn
 from ._io import PathLike, hash_model, write_atomic
 
 FORMAT = "nchains.chain"
-VERSION = 1
+#: Version written by :meth:`Chain.save`. Version 2 added ``images_source``; loading rejects
+#: unknown fields, so an older nchains must see a new version rather than a "malformed" file.
+VERSION = 2
+#: Versions :meth:`Chain.load` reads (version 1 files have no ``images_source``: None).
+READABLE_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -42,6 +46,15 @@ class Chain:
             layer for each class (Taylor contributions), in graph order.
         history (dict): loss per step of the scoring and fine-tuning phases.
         model_spec (dict or None): how to rebuild the model (used by the CLI).
+        images_source (dict or None): how the images were chosen, enough to rebuild the exact
+            tensor whose hash is ``images_hash``; set by ``nchains extract`` and used by
+            ``nchains export``, None for chains extracted from Python on arbitrary tensors (and
+            for version-1 files). ``{"kind": "default", "classes", "per_class", "seed",
+            "confident"}``: the arguments of :func:`nchains.zoo.default_images`;
+            ``{"kind": "folder", "path", "size", "preprocessing", "grayscale", "classes",
+            "per_class"}``: an image folder (absolute path) loaded with
+            :func:`nchains.data.load_image_folder`, keeping the first ``per_class`` images of each
+            class sub-folder in ``classes`` (all when None).
     """
 
     kept: Dict[str, List[int]]
@@ -62,6 +75,7 @@ class Chain:
     paths: Dict[str, List[List[Any]]] = field(default_factory=dict)
     history: Dict[str, List[float]] = field(default_factory=dict)
     model_spec: Optional[Dict[str, Any]] = None
+    images_source: Optional[Dict[str, Any]] = None
 
     # ---- persistence --------------------------------------------------------------------
 
@@ -76,9 +90,9 @@ class Chain:
     def from_dict(cls, data: Dict[str, Any]) -> "Chain":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not an nchains chain (expected format {FORMAT!r})")
-        if data.get("version") != VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"chain version {data.get('version')!r} is not supported (this nchains reads "
-                             f"version {VERSION})")
+                             f"versions {', '.join(map(str, READABLE_VERSIONS))})")
         fields = {k: v for k, v in data.items() if k not in ("format", "version")}
         try:
             return cls(**fields)

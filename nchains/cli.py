@@ -36,36 +36,21 @@ def _in_channels(model) -> int:
 
 
 def _images_for(args, spec, model) -> tuple:
-    """(images, class names of the model outputs or None, description of the data)."""
-    from . import zoo
+    """(images, class names of the model outputs or None, description of the data, images source):
+    the source records how the images were chosen (``Chain.images_source``) and gives them."""
+    from ._image_source import default_source, folder_source, images_from_source
 
     if spec["kind"] == "default" and args.images is None:
-        images, labels, _ = zoo.default_images(_csv(args.classes), per_class=args.per_class, seed=args.seed,
-                                               confident=args.confident)
-        return images, zoo.default_class_names(), f"{len(images)} shipped Fashion-MNIST test images"
+        from . import zoo
+
+        source = default_source(_csv(args.classes), args.per_class, args.seed, args.confident)
+        images, what = images_from_source(source)
+        return images, zoo.default_class_names(), what, source
     if args.images is None:
         raise ValueError("--images DIR is required with a --model other than the default")
-    from .data import load_image_folder
-
-    images, labels, folder_classes, paths = load_image_folder(
-        args.images, size=args.size, preprocessing=args.preprocessing, grayscale=_in_channels(model) == 1)
-    wanted = _csv(args.classes)
-    if wanted is not None:
-        if folder_classes is None:
-            raise ValueError("--classes needs --images DIR with one sub-folder per class")
-        unknown = [c for c in wanted if c not in folder_classes]
-        if unknown:
-            raise ValueError(f"--classes {unknown} not found among the sub-folders {folder_classes}")
-        keep = torch.zeros(len(images), dtype=torch.bool)
-        for c in wanted:
-            idx = torch.nonzero(labels == folder_classes.index(c)).flatten()[: args.per_class]
-            keep[idx] = True
-        images = images[keep]
-    elif labels is not None:
-        keep = torch.zeros(len(images), dtype=torch.bool)
-        for k in range(len(folder_classes)):
-            keep[torch.nonzero(labels == k).flatten()[: args.per_class]] = True
-        images = images[keep]
+    source = folder_source(args.images, size=args.size, preprocessing=args.preprocessing,
+                           grayscale=_in_channels(model) == 1, classes=_csv(args.classes), per_class=args.per_class)
+    images, what = images_from_source(source)
     names = None
     if spec["kind"] == "torchvision" and not spec.get("num_classes"):
         try:
@@ -74,7 +59,7 @@ def _images_for(args, spec, model) -> tuple:
             names = torchvision.models.get_model_weights(spec["name"]).DEFAULT.meta["categories"]
         except Exception:  # noqa: BLE001 - names are a nicety
             names = None
-    return images, names, f"{len(images)} images from {args.images}"
+    return images, names, what, source
 
 
 def _cmd_extract(args) -> int:
@@ -96,7 +81,7 @@ def _cmd_extract(args) -> int:
         raise ValueError(f"--out {args.out!r} is a directory; give a file name such as chain.json")
     spec = parse_model_spec(args.model, args.weights, args.num_classes)
     model = load_model(spec)
-    images, class_names, what = _images_for(args, spec, model)
+    images, class_names, what, source = _images_for(args, spec, model)
     if not args.quiet and not args.json:
         print(f"extracting the inference chain of {spec.get('name', 'the default model')} on {what}",
               file=sys.stderr)
@@ -106,6 +91,7 @@ def _cmd_extract(args) -> int:
         class_names = None
     chain = extract(model, images, cfg, class_names=class_names, progress=not (args.quiet or args.json),
                     model_spec=spec)
+    chain.images_source = source  # how the images were chosen, so that `nchains export` can rebuild them
     if args.out:
         chain.save(args.out)
     if args.json:

@@ -226,12 +226,12 @@ def _compare(fmt: str, run: Callable, inputs: Dict[str, torch.Tensor], refs: Dic
     return worst
 
 
-def _inputs(chain: Chain, images: Optional[torch.Tensor], n_random: int, dtype: torch.dtype
-            ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+def _inputs(chain: Chain, images: Optional[torch.Tensor], n_random: int, dtype: torch.dtype,
+            images_note: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     gen = torch.Generator().manual_seed(0)
     shape = tuple(chain.input_shape)
     sets: Dict[str, torch.Tensor] = {}
-    info: Dict[str, Any] = {}
+    info: Dict[str, Any] = {} if images_note is None else {"images_note": images_note}
     if images is not None:
         sets["images"] = images.detach().to(dtype)
         h = hash_tensor(images)
@@ -300,7 +300,8 @@ def _metadata(chain: Chain, gm: fx.GraphModule, stats: Dict[str, Any], class_nam
         "format": EXPORT_FORMAT, "version": VERSION, "nchains_version": __version__,
         "torch_version": torch.__version__,
         "chain": {"metrics": chain.metrics, "config": chain.config, "seed": chain.seed, "family": chain.family,
-                  "classes": chain.classes, "images_hash": chain.images_hash, "gates": chain.gates,
+                  "classes": chain.classes, "images_hash": chain.images_hash,
+                  "images_source": chain.images_source, "gates": chain.gates,
                   "paths": chain.paths},
         "model_hash": chain.model_hash, "model_spec": chain.model_spec,
         "class_names": list(class_names) if class_names is not None else None,
@@ -322,7 +323,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
            formats: Union[str, Sequence[str]] = ("torchscript", "onnx", "pt2"), *,
            images: Optional[torch.Tensor] = None, keep_scores: bool = False,
            class_names: Optional[Sequence[str]] = None, preprocessing: Optional[Dict[str, Any]] = None,
-           n_random: int = 8, progress: bool = False) -> Dict[str, Any]:
+           n_random: int = 8, progress: bool = False, images_note: Optional[str] = None) -> Dict[str, Any]:
     """Export the chain's compact model, verified, with metadata.
 
     Args:
@@ -340,6 +341,8 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
             (default: known for the shipped model, else None).
         n_random (int): random standard-normal inputs used for verification (>= 2).
         progress (bool): show a progress bar over the formats.
+        images_note (str): where ``images`` come from, or why there are none (e.g. the chain's
+            images could not be rebuilt), recorded as ``verification.inputs.images_note``.
 
     Returns:
         dict: the manifest written to ``out_dir/manifest.json`` (``artifacts`` gives each file,
@@ -362,6 +365,8 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
     fmts = _formats(formats)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
         raise ValueError(f"n_random must be an int >= 2, got {n_random!r}")
+    if images_note is not None and not isinstance(images_note, str):
+        raise TypeError(f"images_note must be a str or None, got {type(images_note).__name__}")
     if preprocessing is not None and not isinstance(preprocessing, (dict, str)):
         raise TypeError(f"preprocessing must be a dict, a str or None, got {type(preprocessing).__name__}")
     images = _check_images(images, chain)
@@ -371,7 +376,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
 
     masked = chain.apply(model)
     gm = compact(chain, model, keep_scores=keep_scores)
-    inputs, input_info = _inputs(chain, images, n_random, dtype)
+    inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
     with torch.no_grad():
         refs = {name: masked(x) for name, x in inputs.items()}
     n_out = refs["random"].shape[1]

@@ -30,7 +30,21 @@ def test_save_load_round_trip(tmp_path, chains):
     with torch.no_grad():
         torch.testing.assert_close(loaded.apply(net)(images), chain.apply(net)(images), rtol=0, atol=0)
     data = json.loads(path.read_text())
-    assert data["format"] == "nchains.chain" and data["version"] == 1
+    assert data["format"] == "nchains.chain" and data["version"] == 2
+    assert data["images_source"] is None  # extracted from Python on a tensor: no record of its choice
+
+
+def test_version_1_file_without_images_source_loads(tmp_path, chains):
+    _, _, chain, _ = chains
+    data = json.loads(json.dumps(chain.to_dict()))
+    del data["images_source"]
+    data["version"] = 1
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = Chain.load(path)
+    assert loaded.images_source is None
+    assert {k: v for k, v in loaded.to_dict().items() if k != "version"} == \
+        {k: v for k, v in json.loads(json.dumps(chain.to_dict())).items() if k != "version"}
 
 
 def test_save_is_atomic(tmp_path, chains, monkeypatch):

@@ -117,3 +117,86 @@ def test_extract_on_a_torch_export_file(tmp_path, capsys):
     chain = Chain.load(tmp_path / "c.json")
     assert chain.model_spec == {"kind": "file", "path": str(tmp_path / "m.pt2")}
     assert chain.labels["layer4.0.conv2"] == "L4B1C2"
+
+
+def _export_manifest(capsys, chain_path, out):
+    code, _, err = _run(capsys, "export", str(chain_path), "--out", str(out), "--formats", "ts", "--json")
+    assert code == 0, err
+    return json.loads((out / "manifest.json").read_text()), err
+
+
+def test_default_chain_records_its_images_and_export_rebuilds_them(tmp_path, capsys):
+    # unusual choices that the old hash search (per_class guesses, orders of <= 3 classes, default
+    # confidence) could not find
+    chain_path = tmp_path / "c.json"
+    code, _, err = _run(capsys, "extract", "--classes", "sneaker,bag,t-shirt,sandal", "--per-class", "3", "--seed", "7",
+                        "--confident", "0.9", "--steps", "2", "--no-finetune", "--quiet", "--out", str(chain_path))
+    assert code == 0, err
+    chain = Chain.load(chain_path)
+    assert chain.images_source == {"kind": "default", "classes": ["sneaker", "bag", "t-shirt", "sandal"],
+                                   "per_class": 3, "seed": 7, "confident": 0.9}
+    images, _, _ = zoo.default_images(["sneaker", "bag", "t-shirt", "sandal"], per_class=3, seed=7, confident=0.9)
+    from nchains._io import hash_tensor
+
+    assert hash_tensor(images) == chain.images_hash
+    manifest, err = _export_manifest(capsys, chain_path, tmp_path / "out")
+    info = manifest["verification"]["inputs"]
+    assert info["images"] == {"count": 12, "sha256": chain.images_hash, "chain_images": True}
+    assert info["images_note"].startswith("the chain's 12 shipped Fashion-MNIST test images (rebuilt")
+    assert manifest["chain"]["images_source"] == chain.images_source
+    assert "warning" not in err
+
+
+def test_old_default_chain_without_source_still_exports(tmp_path, capsys):
+    chain_path = tmp_path / "c.json"
+    code, _, err = _run(capsys, "extract", "--classes", "bag,sandal", "--per-class", "2", "--steps", "2",
+                        "--no-finetune", "--quiet", "--out", str(chain_path))
+    assert code == 0, err
+    data = json.loads(chain_path.read_text())
+    del data["images_source"]
+    data["version"] = 1
+    chain_path.write_text(json.dumps(data))
+    manifest, err = _export_manifest(capsys, chain_path, tmp_path / "out")
+    assert manifest["verification"]["inputs"]["images"]["chain_images"] is True  # found by the hash search
+    assert manifest["chain"]["images_source"] is None and "warning" not in err
+
+
+def test_folder_chain_records_its_images_and_export_rebuilds_them(tmp_path, capsys):
+    torch.manual_seed(0)
+    folder = tmp_path / "imgs"
+    for cls in ("cats", "dogs", "owls"):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            arr = (torch.rand(36, 40, 3) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(folder / cls / f"{i}.png")
+    weights = tmp_path / "w.pt"
+    torch.save(__import__("torchvision").models.resnet18(num_classes=3).state_dict(), weights)
+    chain_path = tmp_path / "c.json"
+    code, _, err = _run(capsys, "extract", "--model", "torchvision:resnet18", "--weights", str(weights),
+                        "--images", str(folder), "--classes", "owls,cats", "--per-class", "2", "--size", "32",
+                        "--preprocessing", "none", "--steps", "2", "--no-finetune", "--quiet", "--out", str(chain_path))
+    assert code == 0, err
+    chain = Chain.load(chain_path)
+    assert chain.images_source == {"kind": "folder", "path": str(folder.resolve()), "size": 32, "preprocessing": "none",
+                                   "grayscale": False, "classes": ["owls", "cats"], "per_class": 2}
+    manifest, err = _export_manifest(capsys, chain_path, tmp_path / "out")
+    info = manifest["verification"]["inputs"]
+    assert info["images"] == {"count": 4, "sha256": chain.images_hash, "chain_images": True}
+    assert info["images_note"].startswith(f"the chain's 4 images from {folder.resolve()} (rebuilt")
+    assert manifest["input"]["preprocessing"] == {"kind": "none", "size": 32}
+
+    # the folder changed: export says so and falls back (no real images for a torchvision model)
+    Image.fromarray((torch.rand(36, 40, 3) * 255).to(torch.uint8).numpy()).save(folder / "cats" / "0.png")
+    manifest, err = _export_manifest(capsys, chain_path, tmp_path / "out2")
+    info = manifest["verification"]["inputs"]
+    assert "images" not in info
+    note = info["images_note"]
+    assert "could not be rebuilt" in note and "differs from the chain's images_hash" in note
+    assert "nchains: warning: the chain's images could not be rebuilt" in err
+    # and when the folder is gone
+    import shutil
+
+    shutil.rmtree(folder)
+    manifest, err = _export_manifest(capsys, chain_path, tmp_path / "out3")
+    assert "could not be rebuilt from its images_source" in manifest["verification"]["inputs"]["images_note"]
+    assert "does not exist" in err
