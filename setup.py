@@ -36,7 +36,9 @@ def _extension():
     csrc = "csrc"
     sources = [os.path.join(csrc, "nchains.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     sources += sorted(glob.glob(os.path.join(csrc, "autograd", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
+    # -fno-trapping-math changes no result (nothing enables FP exceptions) but lets GCC
+    # if-convert, hence vectorise, the ReLU selects of the fused backward epilogues (~3x).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-DNDEBUG"]
     include_dirs = [os.path.join(ROOT, csrc)]
     if _want_cuda():
         # torch.utils.cpp_extension guesses /usr/local here; nvcc lives in /usr/local/cuda.

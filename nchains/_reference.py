@@ -40,14 +40,19 @@ def masked_conv2d(
     activation: str = "none",
     gate_logit: Optional[torch.Tensor] = None,
     temperature: float = 0.2,
+    residual: Optional[torch.Tensor] = None,
+    gate_input: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Reference of :func:`nchains.ops.masked_conv2d` (conv2d, mul, act, blend)."""
+    """Reference of :func:`nchains.ops.masked_conv2d` (conv2d, mul, add, act, blend)."""
     z = F.conv2d(input, weight, bias, stride, padding, dilation, groups)
-    y = _act(scale.view(1, -1, 1, 1) * z, activation)
+    u = scale.view(1, -1, 1, 1) * z
+    if residual is not None:
+        u = u + residual
+    y = _act(u, activation)
     if gate_logit is None:
         return y
     g = gate_value(gate_logit, temperature)
-    return g * y + (1 - g) * input
+    return g * y + (1 - g) * (input if gate_input is None else gate_input)
 
 
 def gate(block_out: torch.Tensor, block_in: torch.Tensor, gate_logit: torch.Tensor,

@@ -53,15 +53,20 @@ def masked_conv2d(
     activation: str = "none",
     gate_logit: Optional[torch.Tensor] = None,
     temperature: float = 0.2,
+    residual: Optional[torch.Tensor] = None,
+    gate_input: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Convolution with a per-filter score, an activation and an optional layer gate, fused.
+    """Convolution with a per-filter score, a residual add, an activation and a gate, fused.
 
     Computes ``z = conv2d(input, weight, bias, stride, padding, dilation, groups)`` with
-    ATen's convolution, then in one pass ``y = act(scale[None, :, None, None] * z)`` and, if
-    ``gate_logit`` is given, ``G * y + (1 - G) * input`` with
-    ``G = sigmoid(gate_logit / temperature)``. The backward computes ``grad_z``, the
-    per-filter ``grad_scale = sum_{n,h,w} dL/dy' * z`` and ``grad_gate_logit`` in one fused
-    pass, then ATen's convolution backward.
+    ATen's convolution, then in one pass ``y = act(scale[None, :, None, None] * z + residual)``
+    and, if ``gate_logit`` is given, ``G * y + (1 - G) * x`` with
+    ``G = sigmoid(gate_logit / temperature)`` and ``x = gate_input`` (default: ``input``, a
+    layer gate). With ``residual`` and ``gate_input`` one call is the tail of a residual block:
+    its last conv, the add of the shortcut, the ReLU after it and the block's gate. The
+    backward computes ``grad_z``, ``grad_residual``, the per-filter
+    ``grad_scale = sum_{n,h,w} dL/du * z`` and ``grad_gate_logit`` in one fused pass, then
+    ATen's convolution backward.
 
     Args:
         input (Tensor[N, C_in, H, W]): input feature map.
@@ -72,9 +77,14 @@ def masked_conv2d(
         stride, padding, dilation: int or pair, as in :func:`torch.nn.functional.conv2d`.
         groups (int): number of groups; ``groups == C_in`` is a depthwise convolution.
         activation (str): ``"none"`` or ``"relu"``.
-        gate_logit (Tensor[] or None): 0-d logit of the layer gate. Requires the output to
-            have the input's shape.
+        gate_logit (Tensor[] or None): 0-d logit of the gate. Requires the output to have
+            the shape of what it blends with (``gate_input``, else ``input``).
         temperature (float): gate temperature ``T`` (> 0).
+        residual (Tensor[N, C_out, H_out, W_out] or None): added after the score, before
+            the activation.
+        gate_input (Tensor[N, C_out, H_out, W_out] or None): what the gate blends with
+            instead of ``input`` (needs ``gate_logit``). May be the ``residual`` tensor
+            itself (an identity shortcut): its gradient is then computed in one pass.
 
     Returns:
         Tensor[N, C_out, H_out, W_out].
@@ -94,7 +104,7 @@ def masked_conv2d(
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     return torch.ops.nchains.masked_conv2d(
         input, weight, bias, scale, list(stride), list(padding), list(dilation), int(groups),
-        activation, gate_logit, float(temperature))
+        activation, gate_logit, float(temperature), residual, gate_input)
 
 
 def gate(block_out: torch.Tensor, block_in: torch.Tensor, gate_logit: torch.Tensor,

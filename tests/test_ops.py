@@ -46,8 +46,13 @@ def _conv_configs(count=60, seed=1234):
         if w + 2 * pad_w - dilation * (k - 1) - 1 < 0 or h + 2 * (padding[0] if isinstance(padding, tuple)
                                                                    else padding) - dilation * (k - 1) - 1 < 0:
             dilation, k = 1, 3
+        # A fused residual add, and a gate blending with another tensor (a block's input):
+        # both take the output's shape, so any configuration can have them.
+        fused = rng.choice(["", "", "residual", "gate_input", "residual+gate_input"])
         configs.append(dict(n=n, cin=cin, cout=cout, k=k, stride=stride, padding=padding, dilation=dilation,
-                            groups=g, h=h, w=w, act=act, layout=layout, dtype=dtype, bias=bias))
+                            groups=g, h=h, w=w, act=act, layout=layout, dtype=dtype, bias=bias,
+                            residual="residual" in fused, gated="gate_input" in fused,
+                            gate_input="gate_input" in fused))
     # Gated configs need output shape == input shape: stride 1, C_out == C_in, 'same' padding.
     for i in range(24):
         g = rng.choice([1, 2, 4])
@@ -63,6 +68,7 @@ def _conv_configs(count=60, seed=1234):
 
 
 def _conv_args(cfg, requires_grad=True):
+    """([x, w, b, s, gate, residual, gate_input], kwargs); absent optionals are None."""
     dt = cfg["dtype"]
     x = torch.randn(cfg["n"], cfg["cin"], cfg["h"], cfg["w"], dtype=dt)
     w = torch.randn(cfg["cout"], cfg["cin"] // cfg["groups"], cfg["k"], cfg["k"], dtype=dt)
@@ -71,14 +77,18 @@ def _conv_args(cfg, requires_grad=True):
     s[0] = 0.0  # a removed filter
     gate = torch.tensor(random.Random(cfg["h"] * 7 + cfg["w"]).uniform(-0.4, 0.4), dtype=dt) \
         if cfg.get("gated") else None
+    out_shape = torch.nn.functional.conv2d(x, w, None, cfg["stride"], cfg["padding"], cfg["dilation"],
+                                           cfg["groups"]).shape
+    residual = _layout(torch.randn(out_shape, dtype=dt), cfg["layout"]) if cfg.get("residual") else None
+    gate_input = _layout(torch.randn(out_shape, dtype=dt), cfg["layout"]) if cfg.get("gate_input") else None
     x = _layout(x, cfg["layout"])
-    tensors = [x, w, b, s, gate]
+    tensors = [x, w, b, s, gate, residual, gate_input]
     if requires_grad:
         for t in tensors:
             if t is not None:
                 t.requires_grad_(True)
     kwargs = dict(stride=cfg["stride"], padding=cfg["padding"], dilation=cfg["dilation"], groups=cfg["groups"],
-                  activation=cfg["act"], gate_logit=gate)
+                  activation=cfg["act"], gate_logit=gate, residual=residual, gate_input=gate_input)
     return tensors, kwargs
 
 
@@ -88,17 +98,19 @@ def _tol(dtype):
 
 @pytest.mark.parametrize("cfg", _conv_configs(), ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()
                                                                        if k in ("groups", "stride", "act",
-                                                                                "layout", "gated")))
+                                                                                "layout", "gated", "residual",
+                                                                                "gate_input")))
 def test_masked_conv2d_matches_reference(cfg):
-    (x, w, b, s, gate), kwargs = _conv_args(cfg)
+    tensors, kwargs = _conv_args(cfg)
+    x, w, b, s, gate, residual, gate_input = tensors
     out = ops.masked_conv2d(x, w, b, s, **kwargs)
     expected = ref.masked_conv2d(x, w, b, s, **kwargs)
     torch.testing.assert_close(out, expected, **_tol(cfg["dtype"]))
-    # The removed filter is an exactly-zero map (before the gate blend).
-    if gate is None:
+    # The removed filter is an exactly-zero map (before the residual add and the gate blend).
+    if gate is None and residual is None:
         assert torch.all(out[:, 0] == 0)
     grad = torch.randn_like(out)
-    inputs = [t for t in (x, w, b, s, gate) if t is not None]
+    inputs = [t for t in tensors if t is not None]
     got = torch.autograd.grad(out, inputs, grad)
     want = torch.autograd.grad(expected, inputs, grad)
     for g1, g2 in zip(got, want):
@@ -171,6 +183,21 @@ def test_gradcheck_float64():
         assert torch.autograd.gradcheck(f, (x, w, b, s, a))
         f2 = lambda x, w, s: ops.masked_conv2d(x, w, None, s, stride=2, dilation=2, groups=2, activation=act)  # noqa: E731
         assert torch.autograd.gradcheck(f2, (x, w, s))
+        # A residual block's tail: conv, score, + shortcut, act, gate with the block's input.
+        r = torch.randn(2, 4, 3, 3, dtype=dt, requires_grad=True)
+        xin = torch.randn(2, 4, 3, 3, dtype=dt, requires_grad=True)
+        f3 = lambda x, w, s, a, r, xin: ops.masked_conv2d(  # noqa: E731
+            x, w, None, s, stride=2, padding=1, groups=2, activation=act, gate_logit=a, residual=r, gate_input=xin)
+        assert torch.autograd.gradcheck(f3, (x, w, s, a, r, xin))
+        # ... with an identity shortcut: the residual is the block's input (one tensor, one gradient).
+        f4 = lambda x, w, s, a, r: ops.masked_conv2d(  # noqa: E731
+            x, w, None, s, stride=2, padding=1, groups=2, activation=act, gate_logit=a, residual=r, gate_input=r)
+        assert torch.autograd.gradcheck(f4, (x, w, s, a, r))
+        want = torch.autograd.grad(ref.masked_conv2d(x, w, None, s, stride=2, padding=1, groups=2, activation=act,
+                                                     gate_logit=a, residual=r, gate_input=r).sum(), (r, a))
+        got = torch.autograd.grad(f4(x, w, s, a, r).sum(), (r, a))
+        for g1, g2 in zip(got, want):
+            torch.testing.assert_close(g1, g2)
     y = torch.randn(2, 3, 4, 4, dtype=dt, requires_grad=True)
     assert torch.autograd.gradcheck(lambda y, x, a: ops.gate(y, x, a), (y, torch.randn_like(y).requires_grad_(), a))
     for red, ab in itertools.product(["channel", "none"], [False, True]):
@@ -188,12 +215,19 @@ def _opcheck_samples():
     s = torch.randn(4, dtype=dt, requires_grad=True)
     a = torch.tensor(0.1, dtype=dt, requires_grad=True)
     xcl = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    shortcut = torch.randn_like(x).requires_grad_()  # residual and gate_input at once
     return [
         (torch.ops.nchains.masked_conv2d, (x, w, b, s, [1, 1], [1, 1], [1, 1], 1, "relu", a, 0.2)),
         (torch.ops.nchains.masked_conv2d, (x, w, None, s, [2, 1], [0, 1], [1, 2], 2 if False else 1, "none",
                                            None, 0.2)),
         (torch.ops.nchains._masked_conv2d, (xcl, torch.randn(4, 4, 3, 3), None, torch.randn(4), [1, 1], [1, 1],
                                             [1, 1], 1, "relu", torch.tensor(0.0), 0.2)),
+        (torch.ops.nchains.masked_conv2d, (x, w, b, s, [1, 1], [1, 1], [1, 1], 1, "relu", a, 0.2,
+                                           torch.randn_like(x).requires_grad_(), torch.randn_like(x).requires_grad_())),
+        (torch.ops.nchains.masked_conv2d, (x, w, None, s, [1, 1], [1, 1], [1, 1], 1, "relu", a, 0.2, shortcut,
+                                           shortcut)),
+        (torch.ops.nchains._masked_conv2d, (xcl, torch.randn(4, 4, 3, 3), None, torch.randn(4), [2, 2], [1, 1],
+                                            [1, 1], 1, "none", None, 0.2, torch.randn(2, 4, 3, 3), None)),
         (torch.ops.nchains.gate, (x, torch.randn_like(x).requires_grad_(), a, 0.2)),
         (torch.ops.nchains.gate, (xcl, torch.randn(2, 4, 6, 6), torch.tensor(0.3), 0.5)),
         (torch.ops.nchains.taylor_contributions, (x, torch.randn_like(x), "channel", False)),
@@ -201,7 +235,7 @@ def _opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
@@ -272,6 +306,13 @@ def test_torch_export_roundtrip(tmp_path):
                                gate_logit=torch.zeros(1)), "gate_logit must be a 0-d tensor", ValueError),
     (lambda: ops.masked_conv2d(torch.randn(1, 6, 5, 5), torch.randn(4, 4, 3, 3), None, torch.ones(4)),
      "input has 6 channels", ValueError),
+    (lambda: ops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), None, torch.ones(4),
+                               residual=torch.randn(1, 4, 5, 5)), r"residual must have the output's shape", ValueError),
+    (lambda: ops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), None, torch.ones(4),
+                               gate_input=torch.randn(1, 4, 3, 3)), "gate_input needs gate_logit", ValueError),
+    (lambda: ops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), None, torch.ones(4),
+                               gate_logit=torch.tensor(0.0), gate_input=torch.randn(1, 4, 5, 5)),
+     "needs an output shaped like gate_input", ValueError),
     (lambda: ops.masked_conv2d(torch.randn(1, 4, 5, 5), torch.randn(4, 4, 3, 3), None, torch.ones(4), stride=0),
      "stride must be >= 1", ValueError),
     (lambda: ops.masked_conv2d(torch.randn(1, 4, 2, 2), torch.randn(4, 4, 3, 3), None, torch.ones(4)),
@@ -294,11 +335,11 @@ def test_bad_arguments_raise_clear_errors(call, match, exc):
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
     for cfg in _conv_configs(count=10):
-        (x, w, b, s, gate), kwargs = _conv_args(cfg)
+        (x, w, b, s, gate, r, xin), kwargs = _conv_args(cfg)
         out = ops.masked_conv2d(x, w, b, s, **kwargs)
         to = lambda t: None if t is None else t.detach().cuda().requires_grad_()  # noqa: E731
-        xc, wc, bc, sc, gc = map(to, (x, w, b, s, gate))
-        out_c = ops.masked_conv2d(xc, wc, bc, sc, **{**kwargs, "gate_logit": gc})
+        xc, wc, bc, sc, gc, rc, xinc = map(to, (x, w, b, s, gate, r, xin))
+        out_c = ops.masked_conv2d(xc, wc, bc, sc, **{**kwargs, "gate_logit": gc, "residual": rc, "gate_input": xinc})
         torch.testing.assert_close(out_c.cpu(), out, **_tol(cfg["dtype"]))
     a, g = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
     torch.testing.assert_close(ops.taylor_contributions(a.cuda(), g.cuda()).cpu(), ops.taylor_contributions(a, g))

@@ -9,13 +9,23 @@
 namespace nchains {
 
 // A 4-d tensor is treated as channels_last when it is dense in that format and not plain
-// contiguous; everything else is treated as (made) contiguous NC*.
+// contiguous, or when it is both (a size-1 channel dim, e.g. a conv over one input channel) and
+// its strides are channels_last's own (channel stride 1, more than one spatial element);
+// everything else is treated as (made) contiguous NC*.
 inline bool is_channels_last(const at::Tensor& t) {
-  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (t.dim() != 4 || !t.is_contiguous(at::MemoryFormat::ChannelsLast)) return false;
+  if (!t.is_contiguous()) return true;
+  return t.size(1) == 1 && t.stride(1) == 1 && t.size(2) * t.size(3) > 1;
 }
 
 inline at::MemoryFormat layout_of(const at::Tensor& t) {
   return is_channels_last(t) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The layout masked_conv2d computes in: channels_last when its input or its weight is.
+inline at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) {
+  return (is_channels_last(input) || is_channels_last(weight)) ? at::MemoryFormat::ChannelsLast
+                                                               : at::MemoryFormat::Contiguous;
 }
 
 // `t` itself when its strides are the canonical ones of `fmt` (what at::empty gives, and what the
@@ -79,7 +89,9 @@ inline std::vector<int64_t> check_masked_conv2d(const at::Tensor& input, const a
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& scale,
                                                 at::IntArrayRef stride, at::IntArrayRef padding,
                                                 at::IntArrayRef dilation, int64_t groups,
-                                                const std::optional<at::Tensor>& gate_logit, double temperature) {
+                                                const std::optional<at::Tensor>& gate_logit, double temperature,
+                                                const std::optional<at::Tensor>& residual,
+                                                const std::optional<at::Tensor>& gate_input) {
   check_float(input, "input");
   check_same(weight, input, "weight", "input");
   check_same(scale, input, "scale", "input");
@@ -114,9 +126,19 @@ inline std::vector<int64_t> check_masked_conv2d(const at::Tensor& input, const a
   check_temperature(temperature);
   if (gate_logit.has_value() && gate_logit->defined()) {
     check_gate_logit(*gate_logit, input, "input");
-    TORCH_CHECK_VALUE(at::IntArrayRef(out_shape) == input.sizes(),
-                      "a gated masked_conv2d needs an output shaped like its input ", input.sizes(), ", got ",
-                      at::IntArrayRef(out_shape));
+    const bool own = !(gate_input.has_value() && gate_input->defined());
+    const at::IntArrayRef blended = own ? input.sizes() : gate_input->sizes();
+    TORCH_CHECK_VALUE(at::IntArrayRef(out_shape) == blended, "a gated masked_conv2d needs an output shaped like ",
+                      own ? "its input " : "gate_input ", blended, ", got ", at::IntArrayRef(out_shape));
+  }
+  if (residual.has_value() && residual->defined()) {
+    check_same(*residual, input, "residual", "input");
+    TORCH_CHECK_VALUE(at::IntArrayRef(out_shape) == residual->sizes(), "residual must have the output's shape ",
+                      at::IntArrayRef(out_shape), ", got ", residual->sizes());
+  }
+  if (gate_input.has_value() && gate_input->defined()) {
+    check_same(*gate_input, input, "gate_input", "input");
+    TORCH_CHECK_VALUE(gate_logit.has_value() && gate_logit->defined(), "gate_input needs gate_logit");
   }
   return out_shape;
 }

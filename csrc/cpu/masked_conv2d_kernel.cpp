@@ -1,9 +1,11 @@
-// CPU kernels of masked_conv2d: ATen's convolution plus a fused epilogue (score, activation,
-// gate blend) and a fused backward epilogue (grad_z, per-filter grad_scale, grad_gate_logit).
+// CPU kernels of masked_conv2d: ATen's convolution plus a fused epilogue (score, residual,
+// activation, gate blend) and a fused backward epilogue (grad_z, grad_residual, per-filter
+// grad_scale, grad_gate_logit). Host steps are shared with CUDA (common/masked_conv2d_host.h).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common/checks.h"
+#include "common/masked_conv2d_host.h"
 #include "cpu/loops.h"
 #include "math/epilogue.h"
 
@@ -11,58 +13,134 @@ namespace nchains {
 namespace cpu {
 namespace {
 
-template <typename scalar_t, bool RELU, bool GATED>
-void epilogue_forward(const scalar_t* z, const scalar_t* s, const scalar_t* x, scalar_t g, scalar_t* out,
-                      const ChannelView& v) {
-  if (!v.channels_last) {
-    parallel_planes(v.n * v.c, v.s, [&](int64_t p) {
-      const scalar_t sc = s[p % v.c];
-      const int64_t off = p * v.s;
-      const scalar_t* zp = z + off;
-      const scalar_t* xp = GATED ? x + off : zp;
-      scalar_t* op = out + off;
+// Pointers of one epilogue call; r and x are null when the flags say they are absent.
+template <typename scalar_t>
+struct Ptrs {
+  const scalar_t* z;
+  const scalar_t* s;
+  const scalar_t* r;
+  const scalar_t* x;
+};
+
+template <typename scalar_t>
+const scalar_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
+// The element loops, as functions of __restrict__ pointers and plain values: GCC vectorises
+// them as such, while the same loops inlined into lambdas that capture by reference stayed
+// scalar, with a mispredicted ReLU branch per element (~6x slower when gated). r and x are read
+// only when RES / GATED. One "plane" is one channel's contiguous map (score sc); "rows" are
+// channels_last pixels of C channels each (scores s[0, C)).
+#define NC_NOINLINE __attribute__((noinline))
+
+template <typename scalar_t, bool RELU, bool GATED, bool RES>
+NC_NOINLINE void forward_plane(int64_t len, const scalar_t* __restrict__ z, scalar_t sc,
+                               const scalar_t* __restrict__ r, const scalar_t* __restrict__ x, scalar_t g,
+                               scalar_t* __restrict__ out) {
 NC_PRAGMA(omp simd)
-      for (int64_t i = 0; i < v.s; ++i) op[i] = math::epilogue_forward<RELU, GATED>(zp[i], sc, xp[i], g);
+  for (int64_t i = 0; i < len; ++i)
+    out[i] = math::epilogue_forward<RELU, GATED, RES>(z[i], sc, RES ? r[i] : scalar_t(0), GATED ? x[i] : scalar_t(0), g);
+}
+
+template <typename scalar_t, bool RELU, bool GATED, bool RES>
+NC_NOINLINE void forward_rows(int64_t rows, int64_t c_n, const scalar_t* __restrict__ z,
+                              const scalar_t* __restrict__ s, const scalar_t* __restrict__ r,
+                              const scalar_t* __restrict__ x, scalar_t g, scalar_t* __restrict__ out) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t off = row * c_n;
+NC_PRAGMA(omp simd)
+    for (int64_t c = 0; c < c_n; ++c)
+      out[off + c] = math::epilogue_forward<RELU, GATED, RES>(z[off + c], s[c], RES ? r[off + c] : scalar_t(0),
+                                                              GATED ? x[off + c] : scalar_t(0), g);
+  }
+}
+
+// Fills acc[0] = sum of dL/ds and acc[1] = sum of dL/dG over the plane. The residual's gradient
+// is gu + direct * grad_out (direct = 1 - G when the residual is also what the gate blends with).
+template <typename scalar_t, bool RELU, bool GATED, bool RES>
+NC_NOINLINE void backward_plane(int64_t len, const scalar_t* __restrict__ go, const scalar_t* __restrict__ z,
+                                scalar_t sc, const scalar_t* __restrict__ r, const scalar_t* __restrict__ x,
+                                scalar_t g, scalar_t direct, scalar_t* __restrict__ gz, scalar_t* __restrict__ gr,
+                                double* __restrict__ acc) {
+  double acc_s = 0.0, acc_g = 0.0;
+NC_PRAGMA(omp simd reduction(+ : acc_s, acc_g))
+  for (int64_t i = 0; i < len; ++i) {
+    scalar_t gu;
+    gz[i] = math::epilogue_backward<RELU, GATED, RES>(go[i], z[i], sc, RES ? r[i] : scalar_t(0),
+                                                      GATED ? x[i] : scalar_t(0), g, gu, acc_s, acc_g);
+    if constexpr (RES) gr[i] = gu + direct * go[i];
+  }
+  acc[0] = acc_s;
+  acc[1] = acc_g;
+}
+
+// Adds each channel's dL/ds to acc[0, C) and dL/dG to acc[C].
+template <typename scalar_t, bool RELU, bool GATED, bool RES>
+NC_NOINLINE void backward_rows(int64_t rows, int64_t c_n, const scalar_t* __restrict__ go,
+                               const scalar_t* __restrict__ z, const scalar_t* __restrict__ s,
+                               const scalar_t* __restrict__ r, const scalar_t* __restrict__ x, scalar_t g,
+                               scalar_t direct, scalar_t* __restrict__ gz, scalar_t* __restrict__ gr,
+                               double* __restrict__ acc) {
+  double acc_g = 0.0;
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t off = row * c_n;
+NC_PRAGMA(omp simd reduction(+ : acc_g))
+    for (int64_t c = 0; c < c_n; ++c) {
+      scalar_t gu;
+      gz[off + c] = math::epilogue_backward<RELU, GATED, RES>(go[off + c], z[off + c], s[c],
+                                                              RES ? r[off + c] : scalar_t(0),
+                                                              GATED ? x[off + c] : scalar_t(0), g, gu, acc[c], acc_g);
+      if constexpr (RES) gr[off + c] = gu + direct * go[off + c];
+    }
+  }
+  acc[c_n] += acc_g;
+}
+
+template <typename scalar_t>
+const scalar_t* offset(const scalar_t* p, int64_t off) {
+  return p == nullptr ? nullptr : p + off;
+}
+
+template <typename scalar_t>
+scalar_t* offset(scalar_t* p, int64_t off) {
+  return p == nullptr ? nullptr : p + off;
+}
+
+template <typename scalar_t, bool RELU, bool GATED, bool RES>
+void epilogue_forward(const Ptrs<scalar_t>& p, scalar_t g, scalar_t* out, const ChannelView& v) {
+  if (!v.channels_last) {
+    parallel_planes(v.n * v.c, v.s, [&](int64_t plane) {
+      const int64_t off = plane * v.s;
+      forward_plane<scalar_t, RELU, GATED, RES>(v.s, p.z + off, p.s[plane % v.c], offset(p.r, off), offset(p.x, off),
+                                                g, out + off);
     });
     return;
   }
   const int64_t c_n = v.c;
   at::parallel_for(0, v.n * v.s, std::max<int64_t>(1, kGrain / c_n), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t off = r * c_n;
-      const scalar_t* zp = z + off;
-      const scalar_t* xp = GATED ? x + off : zp;
-      scalar_t* op = out + off;
-NC_PRAGMA(omp simd)
-      for (int64_t c = 0; c < c_n; ++c) op[c] = math::epilogue_forward<RELU, GATED>(zp[c], s[c], xp[c], g);
-    }
+    const int64_t off = begin * c_n;
+    forward_rows<scalar_t, RELU, GATED, RES>(end - begin, c_n, p.z + off, p.s, offset(p.r, off), offset(p.x, off), g,
+                                             out + off);
   });
 }
 
-// Writes grad_z; returns dL/dG and fills grad_s[C] (double accumulation).
-template <typename scalar_t, bool RELU, bool GATED>
-double epilogue_backward(const scalar_t* go, const scalar_t* z, const scalar_t* s, const scalar_t* x, scalar_t g,
-                         scalar_t* gz, double* grad_s, const ChannelView& v) {
+// Writes grad_z (and grad_residual when RES); returns dL/dG and fills grad_s[C] (double accumulation).
+template <typename scalar_t, bool RELU, bool GATED, bool RES>
+double epilogue_backward(const scalar_t* go, const Ptrs<scalar_t>& p, scalar_t g, scalar_t direct, scalar_t* gz,
+                         scalar_t* gr, double* grad_s, const ChannelView& v) {
   double grad_g = 0.0;
   if (!v.channels_last) {
-    std::vector<double> part_s(static_cast<size_t>(v.n * v.c)), part_g(static_cast<size_t>(v.n * v.c));
-    parallel_planes(v.n * v.c, v.s, [&](int64_t p) {
-      const scalar_t sc = s[p % v.c];
-      const int64_t off = p * v.s;
-      const scalar_t* gop = go + off;
-      const scalar_t* zp = z + off;
-      const scalar_t* xp = GATED ? x + off : zp;
-      scalar_t* gzp = gz + off;
-      double acc_s = 0.0, acc_g = 0.0;
-NC_PRAGMA(omp simd reduction(+ : acc_s, acc_g))
-      for (int64_t i = 0; i < v.s; ++i)
-        gzp[i] = math::epilogue_backward<RELU, GATED>(gop[i], zp[i], sc, xp[i], g, acc_s, acc_g);
-      part_s[p] = acc_s;
-      part_g[p] = acc_g;
+    std::vector<double> part(static_cast<size_t>(2 * v.n * v.c));
+    parallel_planes(v.n * v.c, v.s, [&](int64_t plane) {
+      const int64_t off = plane * v.s;
+      backward_plane<scalar_t, RELU, GATED, RES>(v.s, go + off, p.z + off, p.s[plane % v.c], offset(p.r, off),
+                                                 offset(p.x, off), g, direct, gz + off, offset(gr, off),
+                                                 part.data() + 2 * plane);
     });
-    for (int64_t p = 0; p < v.n * v.c; ++p) {
-      grad_s[p % v.c] += part_s[p];
-      grad_g += part_g[p];
+    for (int64_t plane = 0; plane < v.n * v.c; ++plane) {
+      grad_s[plane % v.c] += part[2 * plane];
+      grad_g += part[2 * plane + 1];
     }
     return grad_g;
   }
@@ -70,18 +148,9 @@ NC_PRAGMA(omp simd reduction(+ : acc_s, acc_g))
   int64_t pieces = 0;
   const int64_t c_n = v.c;
   auto partial = channels_last_reduce(v, c_n + 1, pieces, [&](int64_t n, int64_t r0, int64_t r1, double* acc) {
-    double acc_g = 0.0;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t off = (n * v.s + r) * c_n;
-      const scalar_t* gop = go + off;
-      const scalar_t* zp = z + off;
-      const scalar_t* xp = GATED ? x + off : zp;
-      scalar_t* gzp = gz + off;
-NC_PRAGMA(omp simd reduction(+ : acc_g))
-      for (int64_t c = 0; c < c_n; ++c)
-        gzp[c] = math::epilogue_backward<RELU, GATED>(gop[c], zp[c], s[c], xp[c], g, acc[c], acc_g);
-    }
-    acc[c_n] = acc_g;
+    const int64_t off = (n * v.s + r0) * c_n;
+    backward_rows<scalar_t, RELU, GATED, RES>(r1 - r0, c_n, go + off, p.z + off, p.s, offset(p.r, off),
+                                              offset(p.x, off), g, direct, gz + off, offset(gr, off), acc);
   });
   for (int64_t t = 0; t < v.n * pieces; ++t) {
     const double* acc = partial.data() + t * (c_n + 1);
@@ -91,102 +160,73 @@ NC_PRAGMA(omp simd reduction(+ : acc_g))
   return grad_g;
 }
 
-// Runs fn.template operator()<RELU, GATED>() for the runtime flags.
-template <typename F>
-void dispatch_flags(bool relu, bool gated, const F& fn) {
-  if (relu) {
-    gated ? fn.template operator()<true, true>() : fn.template operator()<true, false>();
-  } else {
-    gated ? fn.template operator()<false, true>() : fn.template operator()<false, false>();
-  }
-}
-
-at::MemoryFormat conv_layout(const at::Tensor& input, const at::Tensor& weight) {
-  return (is_channels_last(input) || is_channels_last(weight)) ? at::MemoryFormat::ChannelsLast
-                                                               : at::MemoryFormat::Contiguous;
+template <typename scalar_t>
+scalar_t gate_of(const std::optional<at::Tensor>& gate_logit, double temperature) {
+  return defined(gate_logit) ? math::gate_value<scalar_t>(gate_logit->item<scalar_t>(), scalar_t(temperature))
+                             : scalar_t(1);
 }
 
 std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward_cpu(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, c10::string_view activation, const std::optional<at::Tensor>& gate_logit,
-    double temperature) {
-  check_masked_conv2d(input, weight, bias, scale, stride, padding, dilation, groups, gate_logit, temperature);
-  const bool relu = parse_activation(std::string(activation));
-  const bool gated = gate_logit.has_value() && gate_logit->defined();
-  const auto fmt = conv_layout(input, weight);
-  at::Tensor z = canonical(
-      at::convolution(input, weight, bias, stride, padding, dilation, false, {0, 0}, groups), fmt);
-  at::Tensor out = at::empty(z.sizes(), z.options().memory_format(fmt));
-  at::Tensor s = scale.contiguous();
-  at::Tensor x = gated ? input.contiguous(fmt) : at::Tensor();
-  const ChannelView v = channel_view(z, fmt == at::MemoryFormat::ChannelsLast);
-  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "masked_conv2d_cpu", [&] {
-    const scalar_t g = gated ? math::gate_value<scalar_t>(gate_logit->item<scalar_t>(), scalar_t(temperature))
-                             : scalar_t(1);
-    const scalar_t* xp = gated ? x.const_data_ptr<scalar_t>() : nullptr;
-    dispatch_flags(relu, gated, [&]<bool RELU, bool GATED>() {
-      epilogue_forward<scalar_t, RELU, GATED>(z.const_data_ptr<scalar_t>(), s.const_data_ptr<scalar_t>(), xp, g,
-                                              out.mutable_data_ptr<scalar_t>(), v);
+    int64_t groups, c10::string_view activation, const std::optional<at::Tensor>& gate_logit, double temperature,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& gate_input) {
+  ForwardPlan p = plan_forward(input, weight, bias, scale, stride, padding, dilation, groups, activation, gate_logit,
+                               temperature, residual, gate_input);
+  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_conv2d_cpu", [&] {
+    const scalar_t g = gate_of<scalar_t>(gate_logit, temperature);
+    const Ptrs<scalar_t> ptrs{p.z.const_data_ptr<scalar_t>(), p.s.const_data_ptr<scalar_t>(),
+                              ptr_or_null<scalar_t>(p.r), ptr_or_null<scalar_t>(p.x)};
+    dispatch_flags(p.relu, p.gated, p.res, [&]<bool RELU, bool GATED, bool RES>() {
+      epilogue_forward<scalar_t, RELU, GATED, RES>(ptrs, g, p.out.mutable_data_ptr<scalar_t>(), p.v);
     });
   });
-  return {out, z};
+  return {p.out, p.z};
 }
 
 at::Tensor masked_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              const at::Tensor& scale, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, c10::string_view activation,
-                             const std::optional<at::Tensor>& gate_logit, double temperature) {
+                             const std::optional<at::Tensor>& gate_logit, double temperature,
+                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& gate_input) {
   return std::get<0>(masked_conv2d_forward_cpu(input, weight, bias, scale, stride, padding, dilation, groups,
-                                               activation, gate_logit, temperature));
+                                               activation, gate_logit, temperature, residual, gate_input));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_conv2d_backward_cpu(
+MaskedConvGrads masked_conv2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& z,
     const at::Tensor& scale, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
     int64_t groups, c10::string_view activation, const std::optional<at::Tensor>& gate_logit, double temperature,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& gate_input,
     std::array<bool, 3> conv_mask) {
-  const bool relu = parse_activation(std::string(activation));
-  const bool gated = gate_logit.has_value() && gate_logit->defined();
-  check_same(grad_out, input, "grad_out", "input");
-  TORCH_CHECK_VALUE(grad_out.sizes() == z.sizes(), "grad_out must have shape ", z.sizes(), ", got ",
-                    grad_out.sizes());
-  const auto fmt = conv_layout(input, weight);
-  at::Tensor zc = z.contiguous(fmt);
-  at::Tensor go = grad_out.contiguous(fmt);
-  at::Tensor x = gated ? input.contiguous(fmt) : at::Tensor();
-  at::Tensor s = scale.contiguous();
-  at::Tensor gz = at::empty(zc.sizes(), zc.options().memory_format(fmt));
-  const ChannelView v = channel_view(zc, fmt == at::MemoryFormat::ChannelsLast);
-  std::vector<double> grad_s(static_cast<size_t>(v.c), 0.0);
+  BackwardPlan p = plan_backward(grad_out, input, weight, z, scale, activation, gate_logit, residual, gate_input);
+  std::vector<double> grad_s(static_cast<size_t>(p.v.c), 0.0);
   double grad_g = 0.0;
   double g_value = 1.0;
-  AT_DISPATCH_FLOATING_TYPES(zc.scalar_type(), "masked_conv2d_backward_cpu", [&] {
-    const scalar_t g = gated ? math::gate_value<scalar_t>(gate_logit->item<scalar_t>(), scalar_t(temperature))
-                             : scalar_t(1);
+  AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_conv2d_backward_cpu", [&] {
+    const scalar_t g = gate_of<scalar_t>(gate_logit, temperature);
     g_value = static_cast<double>(g);
-    const scalar_t* xp = gated ? x.const_data_ptr<scalar_t>() : nullptr;
-    dispatch_flags(relu, gated, [&]<bool RELU, bool GATED>() {
-      grad_g = epilogue_backward<scalar_t, RELU, GATED>(go.const_data_ptr<scalar_t>(), zc.const_data_ptr<scalar_t>(),
-                                                        s.const_data_ptr<scalar_t>(), xp, g,
-                                                        gz.mutable_data_ptr<scalar_t>(), grad_s.data(), v);
+    const Ptrs<scalar_t> ptrs{p.z.const_data_ptr<scalar_t>(), p.s.const_data_ptr<scalar_t>(),
+                              ptr_or_null<scalar_t>(p.r), ptr_or_null<scalar_t>(p.x)};
+    scalar_t* gr = p.res ? p.gr.mutable_data_ptr<scalar_t>() : nullptr;
+    dispatch_flags(p.relu, p.gated, p.res, [&]<bool RELU, bool GATED, bool RES>() {
+      const scalar_t direct = p.shared ? scalar_t(1) - g : scalar_t(0);
+      grad_g = epilogue_backward<scalar_t, RELU, GATED, RES>(p.go.const_data_ptr<scalar_t>(), ptrs, g, direct,
+                                                             p.gz.mutable_data_ptr<scalar_t>(), gr, grad_s.data(),
+                                                             p.v);
     });
   });
   at::Tensor grad_scale = at::tensor(grad_s, at::TensorOptions().dtype(at::kDouble)).to(scale.scalar_type());
-  at::Tensor grad_gate = gated ? at::scalar_tensor(grad_g * g_value * (1.0 - g_value) / temperature,
-                                                   gate_logit->options())
-                               : at::empty({0}, input.options());
-  // The gate's direct path (1 - G) * grad_out joins the input gradient after the conv backward.
-  auto [gi, gw, gb] = at::convolution_backward(gz, input, weight, weight.size(0), stride, padding, dilation, false,
-                                               {0, 0}, groups, conv_mask);
-  at::Tensor grad_input = at::empty({0}, input.options());
-  if (conv_mask[0]) {
-    grad_input = canonical(gi, layout_of(input));
-    if (gated) grad_input.add_(go, 1.0 - g_value);
-  }
-  at::Tensor grad_weight = conv_mask[1] ? canonical(gw, layout_of(weight)) : at::empty({0}, weight.options());
-  at::Tensor grad_bias = conv_mask[2] ? canonical(gb, at::MemoryFormat::Contiguous) : at::empty({0}, weight.options());
-  return {grad_input, grad_weight, grad_bias, grad_scale, grad_gate};
+  at::Tensor grad_gate = p.gated ? at::scalar_tensor(grad_g * g_value * (1.0 - g_value) / temperature,
+                                                     gate_logit->options())
+                                 : at::empty({0}, input.options());
+  auto [grad_input, grad_weight, grad_bias] = conv_grads(p, input, weight, stride, padding, dilation, groups, conv_mask);
+  // The gate's direct path (1 - G) * grad_out goes to what the gate blends with.
+  at::Tensor grad_gate_input = at::empty({0}, input.options());
+  if (p.gated && p.own_gate_input && conv_mask[0]) grad_input.add_(p.go, 1.0 - g_value);
+  if (p.gated && !p.own_gate_input && !p.shared) grad_gate_input = p.go.mul(1.0 - g_value);
+  at::Tensor grad_residual = p.res ? p.gr : at::empty({0}, input.options());
+  return {grad_input, grad_weight, grad_bias, grad_scale, grad_gate, grad_residual, grad_gate_input};
 }
 
 }  // namespace

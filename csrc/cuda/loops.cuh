@@ -267,15 +267,5 @@ void gate_grad(const at::Tensor& part_g, const at::Tensor& logit, double tempera
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Runs fn.template operator()<A, B>() for two runtime flags (host side).
-template <typename F>
-void dispatch_flags(bool a, bool b, const F& fn) {
-  if (a) {
-    b ? fn.template operator()<true, true>() : fn.template operator()<true, false>();
-  } else {
-    b ? fn.template operator()<false, true>() : fn.template operator()<false, false>();
-  }
-}
-
 }  // namespace cuda
 }  // namespace nchains

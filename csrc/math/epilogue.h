@@ -1,11 +1,14 @@
 // Element math of the fused ops, shared by the CPU loops and the CUDA kernels.
 //
 // Forward of masked_conv2d's epilogue and of gate:
-//   u = s * z;  y = act(u);  out = gated ? G * y + (1 - G) * x : y
+//   u = s * z (+ r);  y = act(u);  out = gated ? G * y + (1 - G) * x : y
+// r is the optional residual (a residual add fused before the activation); x is what the gate
+// blends with (the conv's input for a layer gate, the block's input for a fused block gate).
 // Backward, per element, given go = dL/dout:
 //   gy = gated ? G * go : go
 //   gu = relu ? (u > 0 ? gy : 0) : gy        (torch.relu's convention at u == 0)
 //   gz = gu * s          -> grad of the conv output
+//   gu                   -> grad of the residual r
 //   gu * z               -> summed per channel: grad of the score s
 //   go * (y - x)         -> summed over everything: dL/dG (times G(1-G)/T gives dL/dalpha)
 #pragma once
@@ -36,9 +39,11 @@ NC_HD T blend(T y, T x, T g) {
   return g * y + (T(1) - g) * x;
 }
 
-template <bool RELU, bool GATED, typename T>
-NC_HD T epilogue_forward(T z, T s, T x, T g) {
-  T y = act<RELU>(s * z);
+template <bool RELU, bool GATED, bool RES, typename T>
+NC_HD T epilogue_forward(T z, T s, T r, T x, T g) {
+  T u = s * z;
+  if constexpr (RES) u += r;
+  T y = act<RELU>(u);
   if constexpr (GATED) {
     return blend(y, x, g);
   } else {
@@ -46,20 +51,20 @@ NC_HD T epilogue_forward(T z, T s, T x, T g) {
   }
 }
 
-// Returns grad_z; adds this element's share of dL/ds and dL/dG to the accumulators.
-template <bool RELU, bool GATED, typename T, typename Acc>
-NC_HD T epilogue_backward(T go, T z, T s, T x, T g, Acc& acc_s, Acc& acc_g) {
+// Returns grad_z and sets gu (the grad of u, which is the residual's); adds this element's
+// share of dL/ds and dL/dG to the accumulators.
+template <bool RELU, bool GATED, bool RES, typename T, typename AccS, typename AccG>
+NC_HD T epilogue_backward(T go, T z, T s, T r, T x, T g, T& gu, AccS& acc_s, AccG& acc_g) {
   T u = s * z;
-  T gy = GATED ? g * go : go;
-  T gu;
-  if constexpr (RELU) {
-    gu = u > T(0) ? gy : T(0);
-  } else {
-    gu = gy;
-  }
-  acc_s += static_cast<Acc>(gu * z);
+  if constexpr (RES) u += r;
+  // One comparison feeds both selects (ReLU's output and its gradient): GCC if-converts
+  // (vectorises) the loop only in this form when the gate needs the output too.
+  const bool pass = RELU ? u > T(0) : true;
+  const T gy = GATED ? g * go : go;
+  gu = pass ? gy : T(0);
+  acc_s += static_cast<AccS>(gu * z);
   if constexpr (GATED) {
-    acc_g += static_cast<Acc>(go * (act<RELU>(u) - x));
+    acc_g += static_cast<AccG>(go * ((pass ? u : T(0)) - x));
   }
   return gu * s;
 }
