@@ -55,28 +55,54 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
-def _run_phase(params: List[torch.Tensor], loss_fn, steps: int, lr: float, stop_delta: Optional[float],
-               stop_window: int, desc: str, progress: bool,
-               grad_mask: Optional[Dict[int, torch.Tensor]] = None) -> List[float]:
-    """Adam on ``params`` for up to ``steps`` iterations, stopping once the loss changed by less
-    than ``stop_delta`` over ``stop_window`` steps; returns the loss history."""
-    opt = torch.optim.Adam(params, lr=lr)
+def _adam(params: List[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam for the flat score/gate tensors: the fused kernel where the device has one."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _step(opt: torch.optim.Optimizer, loss_fn, grad_mask: Optional[torch.Tensor] = None) -> Tuple[float, float]:
+    """One iteration: zero grads, loss, backward, (mask the gradient of the first parameter),
+    Adam step; returns (loss, kl) as floats."""
+    opt.zero_grad(set_to_none=True)
+    loss, kl = loss_fn()
+    loss.backward()
+    if grad_mask is not None:
+        param = opt.param_groups[0]["params"][0]
+        if param.grad is not None:
+            param.grad.mul_(grad_mask)
+    opt.step()
+    return float(loss.detach()), float(kl)
+
+
+def scoring_loss(sm: ScoredModel, images: torch.Tensor, target_logp: torch.Tensor, lam: float, lam_gate: float):
+    """The scoring phase's objective (Eq. 8): ``KL + lam * sum|S| + lam_gate * sum(alpha)``;
+    returns ``(loss, kl.detach())``."""
+    kl = _kl(sm(images), target_logp)
+    loss = kl + lam * sm.flat_scores.abs().sum()
+    if sm.flat_gate_logits.numel():
+        loss = loss + lam_gate * sm.flat_gate_logits.sum()
+    return loss, kl.detach()
+
+
+def scoring_optimizer(sm: ScoredModel, lr: float) -> torch.optim.Adam:
+    """The scoring phase's Adam over the flat scores and gate logits."""
+    params = [sm.flat_scores] + ([sm.flat_gate_logits] if sm.flat_gate_logits.numel() else [])
+    return _adam(params, lr)
+
+
+def _run_phase(opt: torch.optim.Optimizer, loss_fn, steps: int, stop_delta: Optional[float], stop_window: int,
+               desc: str, progress: bool, grad_mask: Optional[torch.Tensor] = None) -> List[float]:
+    """Up to ``steps`` iterations of ``opt`` on ``loss_fn``, stopping once the loss changed by
+    less than ``stop_delta`` over ``stop_window`` steps; returns the loss history."""
     history: List[float] = []
     bar = _progress(steps, desc, progress)
     try:
         for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss, kl = loss_fn()
-            loss.backward()
-            if grad_mask:
-                for i, mask in grad_mask.items():
-                    if params[i].grad is not None:
-                        params[i].grad.mul_(mask)
-            opt.step()
-            value = float(loss.detach())
+            value, kl = _step(opt, loss_fn, grad_mask)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", kl=f"{float(kl):.4f}")
+                bar.set_postfix(loss=f"{value:.4f}", kl=f"{kl:.4f}")
             history.append(value)
             if (stop_delta is not None and len(history) > stop_window
                     and abs(history[-1 - stop_window] - value) < stop_delta):
@@ -102,24 +128,20 @@ def _threshold(sm: ScoredModel, graph: ModelGraph, tau: float) -> Tuple[Dict[str
 
 
 def _finetune(sm: ScoredModel, images, target_logp, cfg: NeuroChainsConfig, progress: bool) -> List[float]:
-    names = [n for n, _ in sm.named_scores()]
-    params, masks = [], {}
-    for i, name in enumerate(names):
-        s = sm.hard_score(name)
-        s.requires_grad_(True)
-        params.append(s)
-        masks[i] = (s.detach() != 0).to(s.dtype)
+    """Adam on the surviving (non-zero) hard scores, KL only; removed filters stay at 0."""
+    flat = sm.net.hard_flat_scores
+    mask = (flat != 0).to(flat.dtype)
+    flat.requires_grad_(True)
 
     def loss_fn():
         kl = _kl(sm(images), target_logp)
         return kl, kl.detach()
 
     try:
-        return _run_phase(params, loss_fn, cfg.finetune_steps, cfg.finetune_lr, cfg.stop_delta, cfg.stop_window, "fine-tune",
-                          progress, masks)
+        return _run_phase(_adam([flat], cfg.finetune_lr), loss_fn, cfg.finetune_steps, cfg.stop_delta,
+                          cfg.stop_window, "fine-tune", progress, mask)
     finally:
-        for p in params:
-            p.requires_grad_(False)
+        flat.requires_grad_(False)
 
 
 def _metrics(sm: ScoredModel, images, target_logits, graph: ModelGraph, score_linear: bool) -> Dict[str, float]:
@@ -226,19 +248,12 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
 
     sm = ScoredModel(graph, score_linear=cfg.score_linear, temperature=cfg.temperature)
     sm.train()
-    scores = [s for _, s in sm.named_scores()]
-    alphas = [a for _, a in sm.named_gate_logits()]
 
     def loss_fn():
-        kl = _kl(sm(images), target_logp)
-        l1 = torch.stack([s.abs().sum() for s in scores]).sum()
-        loss = kl + cfg.lam * l1
-        if alphas:
-            loss = loss + cfg.lam_gate * torch.stack(alphas).sum()
-        return loss, kl.detach()
+        return scoring_loss(sm, images, target_logp, cfg.lam, cfg.lam_gate)
 
-    history = _run_phase(scores + alphas, loss_fn, cfg.steps, cfg.lr, cfg.stop_delta, cfg.stop_window, "scoring",
-                         progress)
+    history = _run_phase(scoring_optimizer(sm, cfg.lr), loss_fn, cfg.steps, cfg.stop_delta, cfg.stop_window,
+                         "scoring", progress)
     kept_scores, gates = _threshold(sm, graph, cfg.tau)
     sm.set_hard(kept_scores, gates)
     finetune_history: List[float] = []

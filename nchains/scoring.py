@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._fusion import plan_fusions
 from .analysis import ConvUnit, LinearUnit, ModelGraph
 
 try:
@@ -70,6 +71,11 @@ class _ScoredConv(nn.Module):
                  temperature: float):
         super().__init__()
         weight, bias = _fold(conv, bn)
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:
+            # oneDNN's fastest float32 CPU convolutions are channels_last: a channels_last
+            # weight makes the conv (and so the whole scored network) run in that layout.
+            # (empty_like + copy_: canonical strides even for size-1 dims, e.g. one input channel)
+            weight = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation = unit.stride, unit.padding, unit.dilation
@@ -78,13 +84,17 @@ class _ScoredConv(nn.Module):
         self.activation = "relu" if unit.act == "relu" else "none"
         self.act = None if self.fused else copy.deepcopy(unit.act_module)
 
-    def forward(self, x: torch.Tensor, score: torch.Tensor,
-                gate_logit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, score: torch.Tensor, gate_logit: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None, gate_input: Optional[torch.Tensor] = None,
+                activation: Optional[str] = None) -> torch.Tensor:
+        """``act(score * bn(conv(x)))``, gated with ``x`` by ``gate_logit``; a fused residual
+        tail passes ``residual`` (added before ``activation``) and ``gate_input`` (the block's
+        input the gate blends with)."""
         if self.fused:
             return _ops.masked_conv2d(
                 x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
-                dilation=self.dilation, groups=self.groups, activation=self.activation,
-                gate_logit=gate_logit, temperature=self.temperature)
+                dilation=self.dilation, groups=self.groups, activation=activation or self.activation,
+                gate_logit=gate_logit, temperature=self.temperature, residual=residual, gate_input=gate_input)
         y = self.act(_ops.masked_conv2d(
             x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, activation="none"))
@@ -188,18 +198,24 @@ class ScoredModel(nn.Module):
         score_linear (bool): also score the neurons of hidden Linear layers (never the
             classifier).
         temperature (float): gate temperature ``T`` (> 0).
+        fuse (bool): in the soft (scoring) graph, run each residual block's tail (the add of
+            the shortcut, the ReLU after it and the block's gate) inside its last unit's
+            fused op (:mod:`nchains._fusion`); same values, fewer passes. That unit's module
+            then outputs the tail's result. The hard graph is never fused.
 
     Attributes:
-        scores (nn.ParameterDict): ``Tensor[C_out]`` per scored layer, init 1 (use
-            :meth:`score` / :meth:`named_scores`; keys are escaped module paths).
-        gate_logits (nn.ParameterDict): 0-d ``alpha`` per region, init 0.
+        flat_scores (nn.Parameter): all scores, ``Tensor[sum C_out]``, init 1 (use
+            :meth:`score` / :meth:`named_scores`).
+        flat_gate_logits (nn.Parameter): ``alpha`` per region, ``Tensor[regions]``, init 0
+            (use :meth:`gate_logit` / :meth:`named_gate_logits`).
         hard (bool): True after :meth:`set_hard`.
 
     The wrapped network always runs in eval mode (running BN statistics, no dropout),
     whatever :meth:`train` is called with; only scores and gate logits require grad.
     """
 
-    def __init__(self, graph: ModelGraph, *, score_linear: bool = False, temperature: float = 0.2):
+    def __init__(self, graph: ModelGraph, *, score_linear: bool = False, temperature: float = 0.2,
+                 fuse: bool = True):
         super().__init__()
         if not isinstance(graph, ModelGraph):
             raise TypeError(f"graph must be a ModelGraph from nchains.analysis.analyze, "
@@ -211,13 +227,11 @@ class ScoredModel(nn.Module):
         linears = {n: u for n, u in graph.linears.items() if score_linear and not u.is_classifier}
         units: Dict[str, Union[ConvUnit, LinearUnit]] = {**graph.layers, **linears}
         self._score_keys = _keys(units)
-        self._gate_keys = _keys(graph.regions)
 
         root = nn.Module()
         root.units = nn.ModuleDict()
-        root.scores = nn.ParameterDict()
-        root.gate_logits = nn.ParameterDict()
         root.model = nn.Module()
+        sizes, dtype, device = [], None, None
         for name, unit in units.items():
             key = self._score_keys[name]
             layer = gm.get_submodule(unit.first.target)
@@ -226,26 +240,38 @@ class ScoredModel(nn.Module):
                 root.units[key] = _ScoredConv(unit, layer, bn, self.temperature)
             else:
                 root.units[key] = _ScoredLinear(unit, layer)
-            root.scores[key] = nn.Parameter(torch.ones(
-                layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device))
-        for name, region in graph.regions.items():
-            like = root.units[self._score_keys[region.units[0]]].weight
-            root.gate_logits[self._gate_keys[name]] = nn.Parameter(
-                torch.zeros((), dtype=like.dtype, device=like.device))
-        self._template = self._rewrite(graph, root, units)
+            sizes.append(int(layer.weight.shape[0]))
+            dtype, device = dtype or layer.weight.dtype, device or layer.weight.device
+        if dtype is None:
+            raise ValueError("graph has no conv filter (or hidden Linear neuron) to score")
+        # One flat tensor for all scores and one for all gate logits: one optimizer tensor,
+        # one L1 op, one gradient buffer each; each unit reads its slice (split in the graph).
+        self._score_sizes = sizes
+        offsets = [0]
+        for n in sizes:
+            offsets.append(offsets[-1] + n)
+        self._score_slices = {name: slice(offsets[i], offsets[i + 1]) for i, name in enumerate(units)}
+        self._gate_index = {name: i for i, name in enumerate(graph.regions)}
+        root.flat_scores = nn.Parameter(torch.ones(offsets[-1], dtype=dtype, device=device))
+        root.flat_gate_logits = nn.Parameter(torch.zeros(len(graph.regions), dtype=dtype, device=device))
+        self._template = self._rewrite(graph, root, units, fuse=False)
+        self._soft_template = self._rewrite(graph, root, units, fuse=True) if fuse else self._template
         root.model.requires_grad_(False).eval()
-        root.hard_scores = nn.Module()
-        self.net = fx.GraphModule(root, copy.deepcopy(self._template), class_name="ScoredNet")
-        for attr in ("units", "scores", "gate_logits", "model", "hard_scores"):
+        root.register_buffer("hard_flat_scores", None)
+        self.net = fx.GraphModule(root, copy.deepcopy(self._soft_template), class_name="ScoredNet")
+        for attr in ("units", "model", "flat_scores", "flat_gate_logits"):
             setattr(self.net, attr, getattr(root, attr))
+        self.net.register_buffer("hard_flat_scores", None)
         self.hard = False
         self.hard_gates: Dict[str, int] = {}
 
     # ---- graph rewriting ------------------------------------------------------------
 
-    def _rewrite(self, graph: ModelGraph, root: nn.Module, units: Dict[str, object]) -> fx.Graph:
+    def _rewrite(self, graph: ModelGraph, root: nn.Module, units: Dict[str, object], fuse: bool) -> fx.Graph:
         """Soft graph; nodes are tagged in ``meta`` (``nchains_unit``/``_region``/``_gate``)
-        so :meth:`set_hard` can derive the hard graph from it."""
+        so :meth:`set_hard` can derive the hard graph from the unfused one. With ``fuse``, the
+        residual tails of :func:`nchains._fusion.plan_fusions` (add, ReLU, block gate) run
+        inside their unit's masked_conv2d call."""
         gm = graph.graph_module
         first = {u.first: u for u in units.values()}
         skipped = {n for u in units.values() for n in u.nodes[1:]}
@@ -257,22 +283,56 @@ class ScoredModel(nn.Module):
                 unit_gate[u.name] = r.name  # gate fused into the unit's masked_conv2d
             else:
                 block_gate[r.output] = r
+        tails = plan_fusions(graph, units, set(unit_gate)) if fuse else {}
+        deferred = {u.first: u for u in units.values() if u.name in tails}
+        tail_at = {tails[u.name].add: u for u in deferred.values()}
+        for t in tails.values():  # a fused tail's block gate runs inside the unit's call
+            if t.region is not None:
+                block_gate.pop(t.output, None)
         new, env = fx.Graph(), {}
+        unit_index = {name: i for i, name in enumerate(units)}
+        split: Dict[str, fx.Node] = {}  # the flat parameters' split nodes, made at first use
 
         def tag(n: fx.Node, src: Optional[fx.Node], **extra) -> fx.Node:
             n.meta = {"nchains_region": region_of.get(src), **extra}
             return n
 
+        def part(flat: str, fn, index: int) -> fx.Node:
+            if flat not in split:
+                args = (new.get_attr(flat),) + ((self._score_sizes,) if fn is torch.split else ())
+                split[flat] = new.call_function(fn, args)
+                split[flat].meta = {"nchains_param": True}
+                split[flat].args[0].meta = {"nchains_param": True}
+            item = new.call_function(operator.getitem, (split[flat], index))
+            item.meta = {"nchains_param": True}
+            return item
+
+        def score_of(name: str) -> fx.Node:
+            return part("flat_scores", torch.split, unit_index[name])
+
+        def logit_of(region: str) -> fx.Node:
+            return part("flat_gate_logits", torch.unbind, self._gate_index[region])
+
         for node in gm.graph.nodes:
-            if node in skipped:
+            if node in skipped or node in deferred or node in env:
+                continue
+            if node in tail_at:  # unit + add + act (+ gate) in one call, at the add
+                u = tail_at[node]
+                t = tails[u.name]
+                logit = logit_of(t.region) if t.region is not None else None
+                gate_input = env[t.block_input] if t.region is not None else None
+                args = (env[u.input], score_of(u.name), logit, env[t.shortcut], gate_input, t.act)
+                value = tag(new.call_module(f"units.{self._score_keys[u.name]}", args), u.first,
+                            nchains_unit=u.name, nchains_gate=t.region)
+                env[node] = env[t.output] = value
                 continue
             if node in first:
                 u = first[node]
                 key = self._score_keys[u.name]
-                args = [env[u.input], tag(new.get_attr(f"scores.{key}"), node)]
+                args = [env[u.input], score_of(u.name)]
                 gate = unit_gate.get(u.name)
                 if gate is not None:
-                    args.append(tag(new.get_attr(f"gate_logits.{self._gate_keys[gate]}"), node))
+                    args.append(logit_of(gate))
                 value = tag(new.call_module(f"units.{key}", tuple(args)), node,
                             nchains_unit=u.name, nchains_gate=gate)
                 node = u.last
@@ -289,8 +349,7 @@ class ScoredModel(nn.Module):
             env[node] = value
             if node in block_gate:
                 r = block_gate[node]
-                logit = new.get_attr(f"gate_logits.{self._gate_keys[r.name]}")
-                gated = new.call_function(_ops.gate, (value, env[r.input], logit, self.temperature))
+                gated = new.call_function(_ops.gate, (value, env[r.input], logit_of(r.name), self.temperature))
                 env[node] = tag(gated, None, nchains_gate=r.name)
         return new
 
@@ -298,6 +357,8 @@ class ScoredModel(nn.Module):
         """Hard graph from the soft template: removed regions become the identity (their
         nodes are dropped), kept regions lose their blend, scores come from buffers."""
         new, env = fx.Graph(), {}
+        index = {name: i for i, name in enumerate(self._score_slices)}
+        split: list = []  # hard_flat_scores split once, at first use
         for node in self._template.nodes:
             unit, gate = node.meta.get("nchains_unit"), node.meta.get("nchains_gate")
             if gate is not None and gate in removed:
@@ -305,11 +366,13 @@ class ScoredModel(nn.Module):
             elif node.meta.get("nchains_region") in removed and node.op != "get_attr":
                 continue  # (constants may be shared; dead ones are eliminated below)
             elif unit is not None:
-                score = new.get_attr(f"hard_scores.{self._score_keys[unit]}")
+                if not split:
+                    split.append(new.call_function(torch.split, (new.get_attr("hard_flat_scores"), self._score_sizes)))
+                score = new.call_function(operator.getitem, (split[0], index[unit]))
                 env[node] = new.call_module(node.target, (env[node.args[0]], score))
             elif gate is not None:
                 env[node] = env[node.args[0]]
-            elif node.op == "get_attr" and node.target.startswith(("scores.", "gate_logits.")):
+            elif node.meta.get("nchains_param"):
                 continue
             else:
                 env[node] = new.node_copy(node, lambda n: env[n])
@@ -335,23 +398,23 @@ class ScoredModel(nn.Module):
             self.
         """
         kept_scores, gates = dict(kept_scores or {}), dict(gates or {})
-        for arg, given, known in (("kept_scores", kept_scores, self._score_keys),
-                                  ("gates", gates, self._gate_keys)):
+        for arg, given, known in (("kept_scores", kept_scores, self._score_slices),
+                                  ("gates", gates, self._gate_index)):
             unknown = sorted(set(given) - set(known))
             if unknown:
                 raise ValueError(f"{arg} has unknown names {unknown[:5]}; expected names among "
                                  f"{list(known)[:5]}...")
-        holder = nn.Module()
-        for name, key in self._score_keys.items():
-            param = self.net.scores[key]
-            value = torch.as_tensor(kept_scores.get(name, param)).detach()
-            if value.shape != param.shape:
-                raise ValueError(f"kept_scores[{name!r}] must have shape {tuple(param.shape)}, "
+        flat = self.net.flat_scores.detach().clone()
+        for name, value in kept_scores.items():
+            part = flat[self._score_slices[name]]
+            value = torch.as_tensor(value).detach()
+            if value.shape != part.shape:
+                raise ValueError(f"kept_scores[{name!r}] must have shape {tuple(part.shape)}, "
                                  f"got {tuple(value.shape)}")
-            holder.register_buffer(key, value.to(param).clone())
+            part.copy_(value)
         hard_gates = {name: _gate_value(gates[name]) if name in gates
-                      else int(self.gate(name).item() >= 0.5) for name in self._gate_keys}
-        self.net.hard_scores = holder
+                      else int(self.gate(name).item() >= 0.5) for name in self._gate_index}
+        self.net.hard_flat_scores = flat
         self.net.graph = self._harden({n for n, g in hard_gates.items() if g == 0})
         self.net.graph.eliminate_dead_code()  # needs the owning module for purity checks
         self.net.recompile()
@@ -360,7 +423,7 @@ class ScoredModel(nn.Module):
 
     def soft(self) -> "ScoredModel":
         """Back to learnable scores and blended gates. Returns self."""
-        self.net.graph = copy.deepcopy(self._template)
+        self.net.graph = copy.deepcopy(self._soft_template)
         self.hard, self.hard_gates = False, {}
         return self
 
@@ -372,51 +435,61 @@ class ScoredModel(nn.Module):
     # ---- parameters -------------------------------------------------------------------
 
     @property
-    def scores(self) -> nn.ParameterDict:
-        return self.net.scores
+    def flat_scores(self) -> nn.Parameter:
+        """All learnable scores in one ``Tensor[sum C_out]``, layers in graph order (init 1);
+        :meth:`score` and :meth:`score_slice` give a layer's part."""
+        return self.net.flat_scores
 
     @property
-    def gate_logits(self) -> nn.ParameterDict:
-        return self.net.gate_logits
+    def flat_gate_logits(self) -> nn.Parameter:
+        """All gate logits ``alpha`` in one ``Tensor[regions]``, in graph order (init 0)."""
+        return self.net.flat_gate_logits
 
-    def score(self, name: str) -> nn.Parameter:
-        """Learnable scores ``Tensor[C_out]`` of layer ``name`` (a module path)."""
-        if name not in self._score_keys:
+    def score_slice(self, name: str) -> slice:
+        """Where layer ``name``'s scores sit in :attr:`flat_scores` (and in its ``.grad``)."""
+        if name not in self._score_slices:
             raise ValueError(f"name must be a scored layer, got {name!r}")
-        return self.net.scores[self._score_keys[name]]
+        return self._score_slices[name]
+
+    def score(self, name: str) -> torch.Tensor:
+        """Learnable scores ``Tensor[C_out]`` of layer ``name`` (a module path): a view of
+        :attr:`flat_scores` (write to it under ``torch.no_grad()``)."""
+        return self.net.flat_scores[self.score_slice(name)]
 
     def unit(self, name: str) -> nn.Module:
         """The scored-conv (or scored-linear) module of layer ``name``, e.g. for hooks; its
-        output is the unit's output (after the activation, and the fused gate if any)."""
-        self.score(name)
+        output is the unit's output (after the activation, and the fused layer gate if any;
+        in the soft graph of a ``fuse=True`` model, a residual tail's result where one is
+        fused into the unit)."""
+        self.score_slice(name)
         return self.net.units[self._score_keys[name]]
 
     def hard_score(self, name: str) -> torch.Tensor:
-        """Fixed scores of layer ``name`` used in hard mode."""
+        """Fixed scores of layer ``name`` used in hard mode: a view of the flat buffer
+        ``net.hard_flat_scores`` that the hard network reads."""
         if not self.hard:
             raise ValueError("hard_score needs hard mode; call set_hard first")
-        self.score(name)
-        return getattr(self.net.hard_scores, self._score_keys[name])
+        return self.net.hard_flat_scores[self.score_slice(name)]
 
-    def gate_logit(self, name: str) -> nn.Parameter:
-        """0-d gate logit ``alpha`` of region ``name``."""
-        if name not in self._gate_keys:
+    def gate_logit(self, name: str) -> torch.Tensor:
+        """0-d gate logit ``alpha`` of region ``name``: a view of :attr:`flat_gate_logits`."""
+        if name not in self._gate_index:
             raise ValueError(f"name must be a gated region, got {name!r}")
-        return self.net.gate_logits[self._gate_keys[name]]
+        return self.net.flat_gate_logits[self._gate_index[name]]
 
     def gate(self, name: str) -> torch.Tensor:
         """Gate value ``G = sigmoid(alpha / T)`` of region ``name`` (differentiable)."""
         return torch.sigmoid(self.gate_logit(name) / self.temperature)
 
-    def named_scores(self) -> Iterator[Tuple[str, nn.Parameter]]:
-        """``(layer name, Tensor[C_out])`` in graph order."""
-        for name, key in self._score_keys.items():
-            yield name, self.net.scores[key]
+    def named_scores(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """``(layer name, Tensor[C_out])`` in graph order (views of :attr:`flat_scores`)."""
+        for name, sl in self._score_slices.items():
+            yield name, self.net.flat_scores[sl]
 
-    def named_gate_logits(self) -> Iterator[Tuple[str, nn.Parameter]]:
-        """``(region name, 0-d alpha)`` in graph order."""
-        for name, key in self._gate_keys.items():
-            yield name, self.net.gate_logits[key]
+    def named_gate_logits(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """``(region name, 0-d alpha)`` in graph order (views of :attr:`flat_gate_logits`)."""
+        for name, i in self._gate_index.items():
+            yield name, self.net.flat_gate_logits[i]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the scored (or hard) network for ``x (Tensor[N, C, H, W])``."""

@@ -163,14 +163,17 @@ def test_gradients_reach_only_scores_and_gates(resnet18):
     sm = ScoredModel(graph)
     sm(x)[:, 3].sum().backward()
     trainable = {n for n, p in sm.named_parameters() if p.requires_grad}
-    assert trainable == ({f"net.scores.{k}" for k in sm.scores}
-                         | {f"net.gate_logits.{k}" for k in sm.gate_logits})
-    assert len(sm.scores) == len(graph.layers) and len(sm.gate_logits) == len(graph.regions) == 5
+    assert trainable == {"net.flat_scores", "net.flat_gate_logits"}
+    assert sm.flat_scores.numel() == sum(u.out_channels for u in graph.layers.values())
+    assert len(sm.flat_gate_logits) == len(graph.regions) == 5
+    assert len(dict(sm.named_scores())) == len(graph.layers)
     for name, s in sm.named_scores():
-        assert s.grad is not None and s.grad.shape == (graph.layers[name].out_channels,)
-        assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
-    for name, a in sm.named_gate_logits():
-        assert a.grad is not None and a.grad.dim() == 0 and a.grad != 0, name
+        grad = sm.flat_scores.grad[sm.score_slice(name)]
+        assert s.shape == grad.shape == (graph.layers[name].out_channels,)
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0, name
+    grad = sm.flat_gate_logits.grad
+    assert grad is not None and torch.isfinite(grad).all() and (grad != 0).all()
+    assert [n for n, _ in sm.named_gate_logits()] == list(graph.regions)
     assert all(b.grad is None for b in sm.buffers())
     assert all(p.grad is None for p in model.parameters())
 
@@ -195,7 +198,36 @@ def test_score_gradient_is_batch_summed_taylor_contribution(resnet18):
     for name, bn in zip(names, bns):
         taylor = (box[bn].grad * box[bn]).sum((0, 2, 3))
         tol = 1e-4 * taylor.abs().max().item()
-        assert torch.allclose(sm.score(name).grad, taylor, atol=tol), name
+        grad = sm.flat_scores.grad[sm.score_slice(name)]
+        assert torch.allclose(grad, taylor, atol=tol), name
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d", "user"])
+def test_fused_residual_tails_match_unfused_values_and_gradients(name):
+    """The soft graph runs residual tails (add, ReLU, block gate) inside the last unit's op;
+    values and gradients must be those of the unfused graph, at random scores and gates."""
+    model, x = _model(name), _x()
+    graph = analyze(model, x)
+    fused, plain = ScoredModel(graph), ScoredModel(graph, fuse=False)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        scores = torch.rand(fused.flat_scores.shape, generator=gen) * 1.5
+        scores[torch.rand(scores.shape, generator=gen) < 0.3] = 0.0
+        logits = torch.randn(fused.flat_gate_logits.shape, generator=gen) * 0.3
+        for sm in (fused, plain):
+            sm.flat_scores.copy_(scores)
+            sm.flat_gate_logits.copy_(logits)
+    n_calls = lambda sm: sum(1 for n in sm.net.graph.nodes if n.op != "placeholder")  # noqa: E731
+    if name != "user" or graph.adds:
+        assert n_calls(fused) < n_calls(plain)  # something was fused
+    out_f, out_p = fused(x), plain(x)
+    _close(out_f, out_p, tol=1e-5)
+    g = torch.randn_like(out_f)
+    out_f.backward(g)
+    out_p.backward(g)
+    for a, b in ((fused.flat_scores.grad, plain.flat_scores.grad),
+                 (fused.flat_gate_logits.grad, plain.flat_gate_logits.grad)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
 @pytest.mark.parametrize("name, layers", [
@@ -206,7 +238,7 @@ def test_score_gradient_is_batch_summed_taylor_contribution(resnet18):
 def test_zero_scores_give_exactly_zero_maps(name, layers):
     model, x = _model(name), _x()
     graph = analyze(model, x)
-    sm = _open(ScoredModel(graph))
+    sm = _open(ScoredModel(graph, fuse=False))  # hooks read each unit's own maps
     gen = torch.Generator().manual_seed(0)
     masks, outputs, handles = {}, {}, []
     for layer in layers:
