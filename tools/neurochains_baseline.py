@@ -32,6 +32,7 @@ Usage (standalone, on the shipped Fashion-MNIST model)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -196,6 +197,111 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
+class HookedNeuroChains:
+    """Scores and gates installed on ``model`` with forward hooks (the scoring phase).
+
+    ``loss()`` is one evaluation of Eq. (8); ``harden(tau)`` thresholds and binarises
+    (removed regions swapped for ``nn.Identity``); ``restore()`` removes every hook and puts
+    the model back. :func:`neurochains_baseline` is the whole algorithm on top of it.
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, cfg: BaselineConfig):
+        self.model, self.images, self.cfg = model, images, cfg
+        model.eval()
+        self._frozen = [(p, p.requires_grad) for p in model.parameters()]
+        model.requires_grad_(False)
+        self.score_sites, self.regions, self.family = _discover(model, images)
+        lam0, lamg0 = PAPER_LAMBDAS[self.family]
+        self.lam = lam0 if cfg.lam is None else cfg.lam
+        self.lam_gate = lamg0 if cfg.lam_gate is None else cfg.lam_gate
+        self.T = T = cfg.temperature
+        with torch.no_grad():
+            self.target_logits = model(images)
+        self.target_logp = F.log_softmax(self.target_logits, dim=1)
+
+        ref = next(model.parameters())
+        self.scores = {n: torch.ones(site.weight.shape[0] if isinstance(site, nn.Conv2d) else site.num_features,
+                                     dtype=ref.dtype, device=ref.device, requires_grad=True)
+                       for n, site in self.score_sites.items()}
+        self.alphas = {n: torch.zeros((), dtype=ref.dtype, device=ref.device, requires_grad=True)
+                       for n in self.regions}
+        self._hooks, self._gate_hooks, self._swapped = [], {}, {}
+        region_inputs: Dict[str, torch.Tensor] = {}
+
+        def score_hook(s):
+            return lambda m, inp, out: out * s[None, :, None, None]
+
+        def gate_hook(name, a):
+            def hook(m, inp, out):
+                g = torch.sigmoid(a / T)
+                x = inp[0] if name not in region_inputs else region_inputs.pop(name)
+                return g * out + (1 - g) * x
+            return hook
+
+        def remember_input(name):
+            return lambda m, inp: region_inputs.__setitem__(name, inp[0])
+
+        try:
+            for n, site in self.score_sites.items():
+                self._hooks.append(site.register_forward_hook(score_hook(self.scores[n])))
+            for n, (m, entry, _) in self.regions.items():
+                hs = [m.register_forward_hook(gate_hook(n, self.alphas[n]))]
+                if entry is not None:  # layer gate: the region's input is the conv's input
+                    hs.append(entry.register_forward_pre_hook(remember_input(n)))
+                self._gate_hooks[n] = hs
+        except BaseException:
+            self.restore()
+            raise
+        self.score_list, self.alpha_list = list(self.scores.values()), list(self.alphas.values())
+
+    def kl(self) -> torch.Tensor:
+        return _kl(self.model(self.images), self.target_logp)
+
+    def loss(self) -> torch.Tensor:
+        """``KL + lam * sum|S| + lam_gate * sum(alpha)`` on the soft (scoring-phase) model."""
+        loss = self.kl() + self.lam * sum(s.abs().sum() for s in self.score_list)
+        if self.alpha_list:
+            loss = loss + self.lam_gate * sum(self.alpha_list)
+        return loss
+
+    def harden(self, tau: float) -> Dict[str, int]:
+        """Binarise gates (G < 0.5: region replaced by the identity, not computed; else no
+        blend) and zero scores with ``|S| < tau`` or inside removed regions."""
+        gates = {n: int(float(torch.sigmoid(a.detach() / self.T)) >= 0.5) for n, a in self.alphas.items()}
+        for n, hs in self._gate_hooks.items():
+            for h in hs:
+                h.remove()
+            if gates[n] == 0:
+                for sub in self.regions[n][2]:
+                    self._swapped[sub] = self.model.get_submodule(sub)
+                    _set_module(self.model, sub, nn.Identity())
+        self._gate_hooks.clear()
+        removed_units = {c for n, g in gates.items() if g == 0 for c in self.score_sites
+                         if c == n or c.startswith(n + ".")}
+        with torch.no_grad():
+            for n, s in self.scores.items():
+                s.requires_grad_(False)
+                if n in removed_units:
+                    s.zero_()
+                else:
+                    s[s.abs() < tau] = 0
+        return gates
+
+    def restore(self) -> None:
+        """Remove every hook, put swapped regions back, restore requires_grad."""
+        for h in self._hooks:
+            h.remove()
+        for hs in self._gate_hooks.values():
+            for h in hs:
+                h.remove()
+        self._hooks, self._gate_hooks = [], {}
+        for n, m in self._swapped.items():
+            _set_module(self.model, n, m)
+        self._swapped = {}
+        for p, rg in self._frozen:
+            p.requires_grad_(rg)
+
+
 def neurochains_baseline(model: nn.Module, images: torch.Tensor,
                          config: Optional[BaselineConfig] = None, **overrides) -> BaselineResult:
     """Extract a NeuroChains sub-network of ``model`` on ``images`` with plain forward hooks.
@@ -209,121 +315,39 @@ def neurochains_baseline(model: nn.Module, images: torch.Tensor,
         BaselineResult with kept filter indices per conv, final scores, binarised gates,
         metrics (``filters_kept``, ``kl``, ``agreement``, ``steps_run``...) and per-step times.
     """
-    cfg = config or BaselineConfig()
+    cfg = dataclasses.replace(config or BaselineConfig())
     for k, v in overrides.items():
         if not hasattr(cfg, k):
             raise ValueError(f"unknown BaselineConfig field {k!r}")
         setattr(cfg, k, v)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model.eval()
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    model.requires_grad_(False)
-
-    score_sites, regions, family = _discover(model, images)
-    lam0, lamg0 = PAPER_LAMBDAS[family]
-    lam = lam0 if cfg.lam is None else cfg.lam
-    lam_gate = lamg0 if cfg.lam_gate is None else cfg.lam_gate
-    T = cfg.temperature
-
-    with torch.no_grad():
-        target_logits = model(images)
-    target_logp = F.log_softmax(target_logits, dim=1)
-
-    ref = next(model.parameters())
-    scores = {n: torch.ones(site.weight.shape[0] if isinstance(site, nn.Conv2d) else site.num_features,
-                            dtype=ref.dtype, device=ref.device, requires_grad=True)
-              for n, site in score_sites.items()}
-    alphas = {n: torch.zeros((), dtype=ref.dtype, device=ref.device, requires_grad=True)
-              for n in regions}
-
-    hooks, gate_hooks, swapped = [], {}, {}
-    region_inputs: Dict[str, torch.Tensor] = {}
-
-    def score_hook(s):
-        return lambda m, inp, out: out * s[None, :, None, None]
-
-    def gate_hook(name, a):
-        def hook(m, inp, out):
-            g = torch.sigmoid(a / T)
-            x = inp[0] if name not in region_inputs else region_inputs.pop(name)
-            return g * out + (1 - g) * x
-        return hook
-
-    def remember_input(name):
-        return lambda m, inp: region_inputs.__setitem__(name, inp[0])
-
+    hk = HookedNeuroChains(model, images, cfg)
     try:
-        for n, site in score_sites.items():
-            hooks.append(site.register_forward_hook(score_hook(scores[n])))
-        for n, (m, entry, _) in regions.items():
-            hs = [m.register_forward_hook(gate_hook(n, alphas[n]))]
-            if entry is not None:  # layer gate: the region's input is the conv's input
-                hs.append(entry.register_forward_pre_hook(remember_input(n)))
-            gate_hooks[n] = hs
-
-        score_list, alpha_list = list(scores.values()), list(alphas.values())
-
-        def loss_fn():
-            kl = _kl(model(images), target_logp)
-            loss = kl + lam * sum(s.abs().sum() for s in score_list)
-            if alpha_list:
-                loss = loss + lam_gate * sum(alpha_list)
-            return loss
-
-        history, times = _phase(score_list + alpha_list, loss_fn, cfg.steps, cfg.lr,
+        history, times = _phase(hk.score_list + hk.alpha_list, hk.loss, cfg.steps, cfg.lr,
                                 cfg.stop_delta, cfg.stop_window)
-
-        # ---- threshold and binarise: removed regions become the identity, kept ones unblended
-        gates = {n: int(float(torch.sigmoid(a.detach() / T)) >= 0.5) for n, a in alphas.items()}
-        for n, hs in gate_hooks.items():
-            for h in hs:
-                h.remove()
-            if gates[n] == 0:  # the region's modules become the identity (not computed)
-                for sub in regions[n][2]:
-                    swapped[sub] = model.get_submodule(sub)
-                    _set_module(model, sub, nn.Identity())
-        gate_hooks.clear()
-        removed_units = {c for n, g in gates.items() if g == 0 for c in score_sites
-                         if c == n or c.startswith(n + ".")}
+        gates = hk.harden(cfg.tau)
         with torch.no_grad():
-            for n, s in scores.items():
-                s.requires_grad_(False)
-                if n in removed_units:
-                    s.zero_()
-                else:
-                    s[s.abs() < cfg.tau] = 0
-            kl_after = float(_kl(model(images), target_logp))
+            kl_after = float(hk.kl())
 
         ft_history, ft_times = [], []
         if cfg.finetune and cfg.finetune_steps > 0 and kl_after > cfg.finetune_kl:
-            masks = [(s != 0).to(s.dtype) for s in score_list]
-            for s in score_list:
+            masks = [(s != 0).to(s.dtype) for s in hk.score_list]
+            for s in hk.score_list:
                 s.requires_grad_(True)
-
-            def ft_loss():
-                return _kl(model(images), target_logp)
-
-            ft_history, ft_times = _phase(score_list, ft_loss, cfg.finetune_steps, cfg.finetune_lr,
+            ft_history, ft_times = _phase(hk.score_list, hk.kl, cfg.finetune_steps, cfg.finetune_lr,
                                           cfg.stop_delta, cfg.stop_window, masks)
-            for s in score_list:
+            for s in hk.score_list:
                 s.requires_grad_(False)
 
         with torch.no_grad():
             out = model(images)
-            kl = float(_kl(out, target_logp))
-            agreement = float((out.argmax(1) == target_logits.argmax(1)).float().mean())
+            kl = float(_kl(out, hk.target_logp))
+            agreement = float((out.argmax(1) == hk.target_logits.argmax(1)).float().mean())
     finally:
-        for h in hooks:
-            h.remove()
-        for hs in gate_hooks.values():
-            for h in hs:
-                h.remove()
-        for n, m in swapped.items():
-            _set_module(model, n, m)
-        for p, rg in frozen:
-            p.requires_grad_(rg)
+        hk.restore()
 
+    scores = hk.scores
     kept = {n: torch.nonzero(s).flatten().tolist() for n, s in scores.items()}
     metrics = {
         "filters_kept": sum(len(v) for v in kept.values()),
@@ -335,8 +359,8 @@ def neurochains_baseline(model: nn.Module, images: torch.Tensor,
         "agreement": agreement,
         "steps_run": len(history),
         "finetune_steps_run": len(ft_history),
-        "lam": lam,
-        "lam_gate": lam_gate,
+        "lam": hk.lam,
+        "lam_gate": hk.lam_gate,
         "seconds": time.perf_counter() - t0,
     }
     return BaselineResult(kept=kept, scores={n: s.detach() for n, s in scores.items()}, gates=gates,
