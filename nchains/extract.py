@@ -17,6 +17,7 @@ from torch import nn
 
 from . import ops
 from ._io import hash_model, hash_tensor
+from ._memory import keep_freed_memory
 from .analysis import ModelGraph, analyze
 from .chain import Chain
 from .config import NeuroChainsConfig
@@ -223,6 +224,11 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         Chain: kept filters and scores per layer, binarised gates per region, metrics measured
         on the final binarised, fine-tuned chain.
 
+    Notes:
+        While the scoring and fine-tune loops run, glibc keeps freed memory for reuse instead
+        of unmapping and page-faulting it in again every step (:mod:`nchains._memory`; set
+        ``NCHAINS_KEEP_MEMORY=0`` to turn it off); the heap is trimmed afterwards.
+
     Example:
         >>> chain = nchains.extract(model, images, steps=300, seed=0)
         >>> print(chain.summary())
@@ -252,15 +258,16 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
     def loss_fn():
         return scoring_loss(sm, images, target_logp, cfg.lam, cfg.lam_gate)
 
-    history = _run_phase(scoring_optimizer(sm, cfg.lr), loss_fn, cfg.steps, cfg.stop_delta, cfg.stop_window,
-                         "scoring", progress)
-    kept_scores, gates = _threshold(sm, graph, cfg.tau)
-    sm.set_hard(kept_scores, gates)
-    finetune_history: List[float] = []
-    with torch.no_grad():
-        kl_after = float(_kl(sm(images), target_logp))
-    if cfg.finetune and cfg.finetune_steps > 0 and kl_after > cfg.finetune_kl:
-        finetune_history = _finetune(sm, images, target_logp, cfg, progress)
+    with keep_freed_memory():  # the loops free and reallocate the same large tensors every step
+        history = _run_phase(scoring_optimizer(sm, cfg.lr), loss_fn, cfg.steps, cfg.stop_delta, cfg.stop_window,
+                             "scoring", progress)
+        kept_scores, gates = _threshold(sm, graph, cfg.tau)
+        sm.set_hard(kept_scores, gates)
+        finetune_history: List[float] = []
+        with torch.no_grad():
+            kl_after = float(_kl(sm(images), target_logp))
+        if cfg.finetune and cfg.finetune_steps > 0 and kl_after > cfg.finetune_kl:
+            finetune_history = _finetune(sm, images, target_logp, cfg, progress)
     sm.eval()
 
     final = {name: sm.hard_score(name).detach().clone() for name, _ in sm.named_scores()}

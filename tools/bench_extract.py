@@ -7,7 +7,9 @@ family, is passed field by field to ``tools/neurochains_baseline.py``). Two timi
   step being extract()'s loop body on a ScoredModel, the baseline step the hook model's;
   both compute the same loss, checked step by step. Robust against the machine's speed
   changing under us (other users, a shared host).
-* full runs: the real ``nchains.extract`` and ``neurochains_baseline`` calls, timed per
+  Both sides run under glibc's default malloc settings here: this is the compute of a step.
+* full runs: the real ``nchains.extract`` and ``neurochains_baseline`` calls (extract keeps
+  freed memory during its loops, nchains._memory: no page faults per step), timed per
   iteration by a global ``torch.optim`` step post-hook (time between two consecutive Adam
   steps of the scoring phase, the first ``--warmup`` dropped) and in total; runs are
   interleaved (baseline, nchains, nchains, baseline, ...) and give filters kept, KL and
