@@ -24,10 +24,16 @@ class _State:
     node: Optional[fx.Node]
     live: List[int]
     const: torch.Tensor
+    pad: int = 0  # exactly-zero channels after the live ones in ``node`` (``channel_multiple``)
 
     @property
     def channels(self) -> int:
         return self.const.shape[0]
+
+    @property
+    def width(self) -> int:
+        """Channels physically in ``node``: the live ones, then ``pad`` zero channels."""
+        return len(self.live) + self.pad
 
 
 def _nonzero(t: torch.Tensor) -> bool:
@@ -54,9 +60,9 @@ class _Emitter:
     (:class:`nchains.compact._Builder`) and the units (:mod:`nchains._compact_units`) use them."""
 
     def __init__(self, graph: ModelGraph, scores: Dict[str, torch.Tensor], gates: Dict[str, int],
-                 keep_scores: bool, dtype: torch.dtype, scatter: str):
+                 keep_scores: bool, dtype: torch.dtype, scatter: str, channel_multiple: int = 1):
         self.graph, self.gm = graph, graph.graph_module
-        self.scatter = scatter
+        self.scatter, self.multiple = scatter, channel_multiple
         self.scores, self.gates, self.keep_scores, self.dtype = scores, gates, keep_scores, dtype
         self.g = fx.Graph()
         self.root = nn.Module()
@@ -104,39 +110,63 @@ class _Emitter:
             return node
         return self.call(operator.add, node, self.buffer(const.to(self.dtype), hint))
 
-    def expand(self, node: fx.Node, live: List[int], target: List[int], rank: int, hint: str) -> fx.Node:
-        """``node`` (channels ``live``) widened to channels ``target`` with zero channels:
-        ``pad`` one zero channel, then ``index_select`` (a Gather in ONNX)."""
-        if live == target:
+    def padding(self, n: int) -> int:
+        """Zero channels that bring ``n`` live channels to a multiple of ``channel_multiple``."""
+        return -n % self.multiple
+
+    def pad_const(self, const: torch.Tensor, pad: int) -> torch.Tensor:
+        """``const`` (one value per live channel) followed by ``pad`` zero channels."""
+        return torch.cat([const, const.new_zeros(pad, *const.shape[1:])]) if pad else const
+
+    def repad(self, s: _State, pad: int) -> _State:
+        """``s`` with ``pad`` zero channels after its live ones (channel slice or zero pad)."""
+        if s.node is None or s.pad == pad:
+            return s
+        if pad < s.pad:
+            node = self.call(torch.narrow, s.node, 1, 0, len(s.live) + pad)
+        else:
+            node = self.call(F.pad, s.node, (0, 0) * (s.const.dim() - 1) + (0, pad - s.pad))
+        return _State(node, list(s.live), s.const, pad)
+
+    def expand(self, node: fx.Node, live: List[int], pad: int, target: List[int], tpad: int, rank: int,
+               hint: str) -> fx.Node:
+        """``node`` (channels ``live`` then ``pad`` zeros) widened to channels ``target`` then
+        ``tpad`` zeros: ``index_select`` (a Gather in ONNX) of a zero channel where ``node`` has
+        none, after padding one when it has no zero channel."""
+        if live == target and pad == tpad:
             return node
-        pad = (0, 0) * (rank - 2) + (0, 1)
-        padded = self.call(F.pad, node, pad)
+        if not pad:
+            node = self.call(F.pad, node, (0, 0) * (rank - 2) + (0, 1))
         where = {c: i for i, c in enumerate(live)}
-        gather = torch.as_tensor([where.get(c, len(live)) for c in target], dtype=torch.long)
-        return self.call(torch.index_select, padded, 1, self.buffer(gather, f"{hint}_gather"))
+        gather = torch.as_tensor([where.get(c, len(live)) for c in target] + [len(live)] * tpad, dtype=torch.long)
+        return self.call(torch.index_select, node, 1, self.buffer(gather, f"{hint}_gather"))
 
     def scatter_add(self, base: Optional[fx.Node], node: fx.Node, live: List[int], target: List[int],
-                    rest: Sequence[int], hint: str) -> fx.Node:
-        """``base + node`` where ``node`` holds the subset ``live`` of the channels ``target``
-        of ``base`` (zeros when ``base`` is None)."""
+                    rest: Sequence[int], hint: str, pad: int = 0, tpad: int = 0) -> fx.Node:
+        """``base + node`` where ``node`` holds the subset ``live`` (then ``pad`` zero channels)
+        of the channels ``target`` (then ``tpad`` zero channels) of ``base`` (zeros when ``base``
+        is None)."""
         if self.scatter == "gather":
-            wide = self.expand(node, live, target, 2 + len(rest), hint)
+            wide = self.expand(node, live, pad, target, tpad, 2 + len(rest), hint)
             return wide if base is None else self.call(operator.add, base, wide)
         if base is None:
-            base = self.zeros((len(target), *rest))
-        idx = self.buffer(torch.as_tensor(_positions(target, live), dtype=torch.long), f"{hint}_index")
+            base = self.zeros((len(target) + tpad, *rest))
+        # node's zero channels are added (exactly) into the last channel of base
+        index = _positions(target, live) + [len(target) + tpad - 1] * pad
+        idx = self.buffer(torch.as_tensor(index, dtype=torch.long), f"{hint}_index")
         return self.call(torch.index_add, base, 1, idx, node)
 
-    def materialize(self, s: _State, target: Sequence[int], hint: str) -> fx.Node:
-        """A tensor holding channels ``target`` (a sorted superset of ``s.live``)."""
+    def materialize(self, s: _State, target: Sequence[int], hint: str, tpad: int = 0) -> fx.Node:
+        """A tensor holding channels ``target`` (a sorted superset of ``s.live``) then ``tpad``
+        zero channels."""
         target = list(target)
-        if s.node is not None and s.live == target:
+        if s.node is not None and s.live == target and s.pad == tpad:
             return s.node
         rest = tuple(s.const.shape[1:])
-        const = s.const[torch.as_tensor(target, dtype=torch.long)]
+        const = self.pad_const(s.const[torch.as_tensor(target, dtype=torch.long)], tpad)
         if s.node is None:
-            return self.add_const(self.zeros((len(target), *rest)), const, f"{hint}_const")
-        out = self.scatter_add(None, s.node, s.live, target, rest, hint)
+            return self.add_const(self.zeros((len(target) + tpad, *rest)), const, f"{hint}_const")
+        out = self.scatter_add(None, s.node, s.live, target, rest, hint, s.pad, tpad)
         return self.add_const(out, const, f"{hint}_const")
 
     def full(self, s: _State, hint: str = "full") -> fx.Node:

@@ -101,13 +101,25 @@ class _UnitBuilder(_Emitter):
         const = _dead_part(y, live_out)
         if not live_out:
             return self._not_run(u.name, const)
+        # channel_multiple: an ungrouped conv reads and writes whole blocks of channels, the
+        # extra ones exactly zero (zero input columns; zero filters, bias and correction, neutral
+        # BN and score, kept only when the activation maps 0 to 0). A pruned input channel set is
+        # padded; a complete one (the model input) keeps the model's own channel count.
+        out_pad = 0
+        if u.groups == 1 and self.multiple > 1:
+            if len(s_in.live) < s_in.channels:
+                s_in = self.repad(s_in, self.padding(len(s_in.live)))
+            zeros = torch.zeros(1, u.out_channels, 1, 1, dtype=conv.weight.dtype)
+            zero_act = act is None or not _nonzero(act(zeros))
+            out_pad = self.padding(len(live_out)) if zero_act else 0
 
         # Uneven groups are padded: extra inputs repeat a live channel with zero weights, extra
         # filters have zero weights and are dropped after the conv.
         n_in = max(len(i) for i, _ in groups)
         n_out = max(len(o) for _, o in groups)
         select: List[int] = []
-        slots = torch.full((len(groups) * n_out,), -1, dtype=torch.long)  # original filter per slot
+        n_slots = len(groups) * n_out  # then out_pad zero channels
+        slots = torch.full((n_slots + out_pad,), -1, dtype=torch.long)  # original filter per slot
         w64, b64 = _fold64(conv, bn)
         raw_w = conv.weight.detach()
         source = raw_w if self.keep_scores else (w64 * score.view(-1, 1, 1, 1)).to(raw_w.dtype)
@@ -118,8 +130,12 @@ class _UnitBuilder(_Emitter):
             o = torch.as_tensor(outs)
             slots[j * n_out: j * n_out + len(outs)] = o
             weight[j * n_out: j * n_out + len(outs), : len(ins)] = source[o][:, torch.as_tensor(ins) % cin_g]
+        if u.groups == 1 and s_in.pad:  # the input's zero channels, read with zero weights
+            select += list(range(len(s_in.live), s_in.width))
+            n_in = s_in.width
+            weight = torch.cat([weight, weight.new_zeros(len(slots), s_in.pad, *u.kernel_size)], 1)
         x = s_in.node
-        if select != list(range(len(s_in.live))):
+        if select != list(range(s_in.width)):
             x = self.call(torch.index_select, x, 1, self.buffer(torch.as_tensor(select), f"{u.name}_in"))
         real = slots >= 0
         o_real = slots[real]
@@ -161,11 +177,12 @@ class _UnitBuilder(_Emitter):
                                                            f"{u.name}_score"))
         if act is not None:
             out = self.g.call_module(self.module(act, f"{u.name}_act"), (out,))
-        if not bool(real.all()):
-            out = self.call(torch.index_select, out, 1, self.buffer(torch.nonzero(real).flatten(), f"{u.name}_out"))
+        if not bool(real[:n_slots].all()):  # drop the group padding, keep out_pad
+            keep = torch.cat([torch.nonzero(real[:n_slots]).flatten(), torch.arange(n_slots, len(slots))])
+            out = self.call(torch.index_select, out, 1, self.buffer(keep, f"{u.name}_out"))
         self.layers[u.name] = {"module": target, "out": live_out,
                                "in": [c for ins, _ in groups for c in ins]}
-        return _State(out, live_out, const)
+        return _State(out, live_out, const, out_pad)
 
     def linear_unit(self, u: LinearUnit) -> _State:
         s_in = self.env[u.input]
@@ -200,15 +217,18 @@ class _UnitBuilder(_Emitter):
         dead[i_idx] = False
         extra = w.double()[:, dead] @ s_in.const.double()[dead] if _nonzero(s_in.const) else None
         keep = self.keep_scores or not scored  # exact copies; scores (if any) as a multiply
-        new = nn.Linear(len(s_in.live), len(live_out), bias=lin.bias is not None or extra is not None)
+        # zero weights for the input's zero (padding) features
+        new = nn.Linear(s_in.width, len(live_out), bias=lin.bias is not None or extra is not None)
         new = new.to(w.dtype).eval().requires_grad_(False)
+        n_live = len(s_in.live)
         with torch.no_grad():
+            new.weight.zero_()
             if keep:
-                new.weight.copy_(w[o_idx][:, i_idx])
+                new.weight[:, :n_live] = w[o_idx][:, i_idx]
                 if new.bias is not None:
                     new.bias.copy_(lin.bias.detach()[o_idx] if extra is None else (b64 + extra)[o_idx].to(w.dtype))
             else:
-                new.weight.copy_((w.double()[o_idx][:, i_idx] * score[o_idx, None]).to(w.dtype))
+                new.weight[:, :n_live] = (w.double()[o_idx][:, i_idx] * score[o_idx, None]).to(w.dtype)
                 if new.bias is not None:
                     new.bias.copy_(((b64 + (0 if extra is None else extra)) * score)[o_idx].to(w.dtype))
         target = self.module(new, u.first.target)

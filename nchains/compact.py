@@ -9,7 +9,9 @@ the scored model is built from) into a smaller graph that computes exactly what 
   live positions). A removed filter's map is ``act(0)``; a BatchNorm, bias or padding downstream
   can turn it into a nonzero constant or a fixed spatial map, which is carried forward exactly
   and folded into consumers (a conv's or linear's bias, or a bias map when zero padding makes
-  the contribution vary at the borders). So a layer without live inputs never runs.
+  the contribution vary at the borders). So a layer without live inputs never runs;
+- ``pad``: with ``channel_multiple > 1``, the number of exactly-zero channels that follow the
+  live ones in the tensor, bringing its channel count to a whole number of blocks.
 
 Each conv keeps its own filter set. A residual add keeps the union of its operands' live
 channels; an operand carrying a subset is added with ``index_add`` instead of forcing all
@@ -37,7 +39,7 @@ import operator
 import torch
 from torch import fx, nn
 
-from ._compact_emit import _detached, _State
+from ._compact_emit import _detached, _nonzero, _State
 from ._compact_units import _slice_bn, _UnitBuilder
 from .analysis import ConvUnit, analyze, is_tensor
 from .chain import Chain
@@ -164,15 +166,17 @@ class _Builder(_UnitBuilder):
             const[torch.as_tensor(s.live)] = 0
         if s.node is None:
             return _State(None, [], const)
-        if kind == "affine":  # a standalone BatchNorm: keep only the live channels
-            bn = _slice_bn(self.gm.get_submodule(node.target), s.live)
+        if s.pad and kind != "affine" and _nonzero(self._evaluate(node, torch.zeros_like(s.const).unsqueeze(0))):
+            s = self.repad(s, 0)  # the op does not keep zero channels zero
+        if kind == "affine":  # a standalone BatchNorm: keep only the live channels (padding: neutral)
+            bn = _slice_bn(self.gm.get_submodule(node.target), list(s.live) + [None] * s.pad)
             new = self.g.call_module(self.module(bn, node.target), (s.node,))
         else:
             new = self.g.node_copy(node, lambda n: s.node)
             if node.op == "call_module":
                 new.target = self.module(_detached(self.gm.get_submodule(node.target)), node.target)
             _out_of_place(new)
-        return _State(new, list(s.live), const)
+        return _State(new, list(s.live), const, s.pad)
 
     def residual_add(self, node: fx.Node) -> _State:
         a, b = (self.env[n] for n in node.args[:2]) if len(node.args) >= 2 else \
@@ -182,8 +186,8 @@ class _Builder(_UnitBuilder):
         hint = node.name
         if not live:
             return _State(None, [], const)
-        if a.live == live and b.live == live:
-            return _State(self.call(operator.add, a.node, b.node), live, const)
+        if a.live == live and b.live == live and a.pad == b.pad:
+            return _State(self.call(operator.add, a.node, b.node), live, const, a.pad)
         # Channels live in one operand get the other operand's constant; dead ones the sum.
         idx = torch.as_tensor(live)
         base_const = torch.zeros_like(a.const)
@@ -192,32 +196,39 @@ class _Builder(_UnitBuilder):
                 base_const[torch.as_tensor(s.live)] += other.const[torch.as_tensor(s.live)]
         out_const = const.clone()
         out_const[idx] = 0
-        first, second = (a, b) if a.live == live else (b, a)
+        pad = self.padding(len(live))
+        first, second = (a, b) if (a.live, a.pad) == (live, pad) else (b, a)
         rest = const.shape[1:]
-        if first.live == live:
+        if (first.live, first.pad) == (live, pad):
             out = first.node
         else:
-            out = None if first.node is None else self.scatter_add(None, first.node, first.live, live, rest, hint)
+            out = None if first.node is None else self.scatter_add(None, first.node, first.live, live, rest, hint,
+                                                                   first.pad, pad)
         if second.node is not None:
-            out = self.scatter_add(out, second.node, second.live, live, rest, hint)
-        return _State(self.add_const(out, base_const[idx], f"{hint}_const"), live, out_const)
+            out = self.scatter_add(out, second.node, second.live, live, rest, hint, second.pad, pad)
+        out = self.add_const(out, self.pad_const(base_const[idx], pad), f"{hint}_const")
+        return _State(out, live, out_const, pad)
 
     def concat(self, node: fx.Node) -> _State:
         parts = list(node.args[0])
         if not all(isinstance(self.env.get(p), _State) for p in parts):
             return self.fallback(node)
+        # live channels only (padding dropped), the concatenation padded again
         states = [self.env[p] for p in parts]
-        live, nodes, offset = [], [], 0
+        if len([s for s in states if s.node is not None]) > 1:
+            states = [self.repad(s, 0) for s in states]
+        live, nodes, offset, pad = [], [], 0, 0
         for s in states:
             live += [offset + c for c in s.live]
             if s.node is not None:
                 nodes.append(s.node)
+                pad = s.pad
             offset += s.channels
         const = torch.cat([s.const for s in states])
         if not nodes:
             return _State(None, [], const)
         out = nodes[0] if len(nodes) == 1 else self.call(torch.cat, nodes, 1)
-        return _State(out, live, const)
+        return self.repad(_State(out, live, const, pad), self.padding(len(live)))
 
     def reshape(self, node: fx.Node) -> _State:
         s: _State = self.env[node.all_input_nodes[0]]
@@ -226,16 +237,16 @@ class _Builder(_UnitBuilder):
         if len(shape) == 2 and shape[1] == s.channels * inner:  # flatten to features
             live = [c * inner + p for c in s.live for p in range(inner)]
             out = None if s.node is None else self.call(torch.flatten, s.node, 1)
-            return _State(out, live, s.const.reshape(-1))
+            return _State(out, live, s.const.reshape(-1), s.pad * inner)
         if len(shape) >= 2 and shape[1] == s.channels and math.prod(shape[2:]) == inner:
             out = None if s.node is None else self.g.call_method(
-                "reshape", (s.node, (-1, len(s.live), *shape[2:])))
-            return _State(out, list(s.live), s.const.reshape(s.channels, *shape[2:]))
+                "reshape", (s.node, (-1, s.width, *shape[2:])))
+            return _State(out, list(s.live), s.const.reshape(s.channels, *shape[2:]), s.pad)
         return self.fallback(node)
 
 
 def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
-            scatter: str = "index_add") -> fx.GraphModule:
+            scatter: str = "index_add", channel_multiple: int = 1) -> fx.GraphModule:
     """The chain as a small standalone model made of plain PyTorch ops.
 
     Pruned filters are removed together with the matching input channels of every consumer,
@@ -255,6 +266,12 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
             writing part of its stream) is added into it; both are exact. ``"index_add"``
             (fastest in eager PyTorch and TorchScript) or ``"gather"`` (zero-pad one channel,
             ``index_select``, add: a Gather in ONNX, fastest in onnxruntime).
+        channel_multiple (int): pad the channels of every (ungrouped) conv's input and output,
+            and of the residual streams, to a multiple of this with exactly-zero channels (zero
+            filters, zero bias, zero weights in the consumers), for runtimes whose fast conv
+            kernels need blocked channel counts (onnxruntime's NCHWc: 8 with AVX2, 16 with
+            AVX-512). The padded channels are real computation (counted by
+            :func:`nchains.inspect.model_stats`); outputs are unchanged. Default 1: no padding.
 
     Returns:
         torch.fx.GraphModule in eval mode mapping ``Tensor[N, *chain.input_shape]`` to the
@@ -274,6 +291,8 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
         raise TypeError(f"keep_scores must be True or False, got {keep_scores!r}")
     if scatter not in ("index_add", "gather"):
         raise ValueError(f"scatter must be 'index_add' or 'gather', got {scatter!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
     if not chain.input_shape:
         raise ValueError("chain has no input_shape; it cannot be compacted")
     chain.check_model(model)
@@ -289,7 +308,7 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
         if width != size:
             raise ValueError(f"chain layer {name!r} has {size} filters but the model's has {width}")
     gates = {name: int(g) for name, g in chain.gates.items()}
-    builder = _Builder(graph, chain.full_scores(), gates, keep_scores, dtype, scatter)
+    builder = _Builder(graph, chain.full_scores(), gates, keep_scores, dtype, scatter, channel_multiple)
     gm = builder.build()
     gm.nchains_layers = builder.layers
     return gm.eval().requires_grad_(False)

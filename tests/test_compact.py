@@ -107,6 +107,14 @@ def assert_matches(chain: Chain, model: nn.Module, x: torch.Tensor, **kw) -> nn.
     return small
 
 
+def compacted(small: nn.Module, model: nn.Module):
+    """(compact module, original module, layer info) of every analysed layer that runs."""
+    modules = dict(model.named_modules())
+    for name, info in small.nchains_layers.items():
+        if info["module"] is not None:
+            yield getattr(small, info["module"]), modules[name], info
+
+
 def convs(small: nn.Module):
     return {name: m for name, m in small.named_children() if isinstance(m, nn.Conv2d)}
 
@@ -245,12 +253,8 @@ def test_keep_scores_weights_are_bit_exact_copies():
     x = torch.randn(2, 3, 16, 16)
     chain = make_chain(model, x, seed=2, p_gate=1.0, p_dead=0.0)
     small = assert_matches(chain, model, x, keep_scores=True)
-    modules = dict(model.named_modules())
     checked = 0
-    for name, info in small.nchains_layers.items():
-        if info["module"] is None:
-            continue
-        new, old = getattr(small, info["module"]), modules[name]
+    for new, old, info in compacted(small, model):
         out = torch.as_tensor(info["out"])
         if isinstance(old, nn.Conv2d) and old.groups == 1:
             assert torch.equal(new.weight, old.weight[out][:, torch.as_tensor(info["in"])])
@@ -287,3 +291,101 @@ def test_errors(resnet18):
     other = torchvision.models.resnet18(num_classes=10)
     with pytest.raises(ValueError, match="hash"):
         compact(chain, other)
+
+
+# ---- channel_multiple: exactly-zero padding channels ----------------------------------------------
+
+def assert_padded(small: nn.Module, multiple: int, input_channels: int) -> None:
+    """Every ungrouped conv reads and writes whole blocks of ``multiple`` channels."""
+    seen = 0
+    for name, m in small.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
+            assert m.out_channels % multiple == 0, (name, m.out_channels)
+            assert m.in_channels % multiple == 0 or m.in_channels == input_channels, (name, m.in_channels)
+            seen += 1
+    assert seen
+
+
+def assert_same_as_unpadded(chain: Chain, model: nn.Module, inputs, **kw) -> nn.Module:
+    plain = compact(chain, model, **kw)
+    padded = compact(chain, model, channel_multiple=8, **kw)
+    with torch.no_grad():
+        for x in inputs:
+            ref, got = plain(x), padded(x)
+            assert got.shape == ref.shape
+            assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    return padded
+
+
+@pytest.fixture(scope="module")
+def shipped_chain():
+    import nchains
+    from nchains import zoo
+
+    try:
+        model = zoo.default_model()
+        images, _, _ = zoo.default_images(["sneaker", "ankle-boot"], per_class=4)
+    except FileNotFoundError as exc:
+        pytest.skip(f"shipped model not available: {exc}")
+    chain = nchains.extract(model, images, steps=30, finetune_steps=0)
+    return model, images, chain
+
+
+@pytest.mark.parametrize("keep_scores", [False, True])
+@pytest.mark.parametrize("scatter", ["index_add", "gather"])
+def test_channel_multiple_shipped_model(shipped_chain, keep_scores, scatter):
+    model, images, chain = shipped_chain
+    x = torch.randn(5, *chain.input_shape)
+    padded = assert_same_as_unpadded(chain, model, [images, x, x[:1]], keep_scores=keep_scores, scatter=scatter)
+    assert_padded(padded, 8, chain.input_shape[0])
+    assert_matches(chain, model, images, keep_scores=keep_scores, scatter=scatter, channel_multiple=8)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("scatter", ["index_add", "gather"])
+def test_channel_multiple_resnet18(resnet18, seed, scatter):
+    x = torch.randn(3, 3, 32, 32)
+    chain = make_chain(resnet18, x, seed=seed)
+    padded = assert_same_as_unpadded(chain, resnet18, [x, torch.randn(1, 3, 32, 32)], scatter=scatter)
+    assert_padded(padded, 8, 3)
+    assert any(new.out_channels > len(info["out"])  # something was padded
+               for new, old, info in compacted(padded, resnet18) if isinstance(new, nn.Conv2d))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_channel_multiple_mixed_architecture(seed):
+    """Grouped and depthwise convs (kept unpadded), concat, standalone BN, SiLU, flatten."""
+    model = mixed_net()
+    x = torch.randn(3, 3, 16, 16)
+    for keep_scores in (False, True):
+        chain = make_chain(model, x, seed=seed, p_gate=0.7, p_dead=0.05)
+        assert_same_as_unpadded(chain, model, [x], keep_scores=keep_scores)
+        assert_matches(chain, model, x, keep_scores=keep_scores, channel_multiple=8)
+
+
+def test_channel_multiple_keep_scores_bit_exact(resnet18):
+    """Padding adds zero filters and zero input columns; the real filters stay exact copies."""
+    x = torch.randn(2, 3, 32, 32)
+    chain = make_chain(resnet18, x, seed=2, p_gate=1.0, p_dead=0.0)
+    small = assert_matches(chain, resnet18, x, keep_scores=True, channel_multiple=8)
+    checked = 0
+    for new, old, info in compacted(small, resnet18):
+        out, ins = torch.as_tensor(info["out"]), torch.as_tensor(info["in"])
+        n_out, n_in = len(out), len(ins)
+        assert torch.equal(new.weight[:n_out, :n_in], old.weight[out][:, ins])
+        assert not new.weight[n_out:].any() and not new.weight[:, n_in:].any()
+        if getattr(new, "bias", None) is not None and old.bias is not None:
+            assert torch.equal(new.bias[:n_out], old.bias[out]) and not new.bias[n_out:].any()
+        checked += isinstance(old, nn.Conv2d) and new.out_channels > n_out
+    assert checked >= 4
+    bn = small.bn1
+    kept = torch.as_tensor(small.nchains_layers["conv1"]["out"])
+    assert torch.equal(bn.weight[:len(kept)], resnet18.bn1.weight[kept])
+    assert torch.equal(bn.running_var[:len(kept)], resnet18.bn1.running_var[kept])
+
+
+def test_channel_multiple_errors(resnet18):
+    chain = make_chain(resnet18, torch.randn(1, 3, 32, 32))
+    for bad in (0, -8, 2.0, True):
+        with pytest.raises(ValueError, match="channel_multiple"):
+            compact(chain, resnet18, channel_multiple=bad)

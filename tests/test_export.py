@@ -110,6 +110,20 @@ def test_onnx_runtime_and_checker(exported, setup):
         _close(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], _ref(setup, x))
 
 
+def test_onnx_convs_padded_to_channel_blocks(exported, setup):
+    """The ONNX artifact's ungrouped convs have channel counts in blocks of 8 (onnxruntime's
+    NCHWc kernels); the zero channels are counted in its FLOPs; the other formats are unpadded."""
+    out, manifest = exported
+    proto = onnx.load(str(out / "chain.onnx"))
+    weights = {t.name: list(t.dims) for t in proto.graph.initializer}
+    shapes = [weights[n.input[1]] for n in proto.graph.node if n.op_type == "Conv"
+              and all(a.name != "group" or a.i == 1 for a in n.attribute)]
+    assert shapes and all(o % 8 == 0 and (i % 8 == 0 or i == 3) for o, i, *_ in shapes)
+    formats = manifest["verification"]["formats"]
+    assert formats["onnx"]["channel_multiple"] == 8 and formats["torchscript"]["channel_multiple"] == 1
+    assert formats["onnx"]["flops"] > formats["torchscript"]["flops"] == manifest["compact"]["flops"]
+
+
 def test_pt2_and_torchscript_load(exported, setup):
     out, _ = exported
     ep = torch.export.load(str(out / "chain.pt2"))

@@ -6,15 +6,19 @@ weights) a chain comes from a short NeuroChains extraction; for the random-weigh
 learned scores are thresholded at a quantile so that about ``--keep`` of the filters survive
 (random weights give no meaningful chain, only a realistic sparsity pattern). Prints parameters,
 FLOPs and median latency at batch 1 and 20 of the original and the compact model, the measured
-speed-up and the target ``speed-up >= 0.6 x FLOP ratio``.
+speed-up and the target ``speed-up >= 0.6 x FLOP ratio``. The onnxruntime rows count the
+parameters and FLOPs of the ONNX artifact's compact graph (its zero channels padding the
+channel counts to ``channel_multiple`` included).
 
     python tools/bench_export.py                      # all three models, 128x128 inputs
     python tools/bench_export.py --models resnet50 --size 224 --reps 10
+    python tools/bench_export.py --models fashion --onnx-channel-multiple 1   # ONNX without padding
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import statistics
@@ -29,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from nchains.chain import Chain  # noqa: E402
 from nchains.compact import compact  # noqa: E402
-from nchains.export import export  # noqa: E402
+from nchains.export import _EXPORTERS, export  # noqa: E402
 from nchains.extract import extract  # noqa: E402
 from nchains.inspect import model_stats  # noqa: E402
 
@@ -138,7 +142,13 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=11, help="timed runs per measurement (median)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads of PyTorch and onnxruntime (default 1: stable on a shared machine)")
+    p.add_argument("--onnx-channel-multiple", type=int, default=None,
+                   help="compact(channel_multiple=...) of the ONNX artifact (default: export's, "
+                        f"{_EXPORTERS['onnx'].channel_multiple})")
     args = p.parse_args(argv)
+    if args.onnx_channel_multiple is not None:
+        _EXPORTERS["onnx"] = dataclasses.replace(_EXPORTERS["onnx"], channel_multiple=args.onnx_channel_multiple)
+    onnx_cm = _EXPORTERS["onnx"].channel_multiple
     torch.set_num_threads(args.threads)
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -150,7 +160,7 @@ def main(argv=None) -> int:
         small = compact(chain, model)
         shape = chain.input_shape
         s_orig, s_small = model_stats(model, shape), model_stats(small, shape)
-        ratio = s_orig["flops"] / max(s_small["flops"], 1)
+        s_onnx = model_stats(compact(chain, model, scatter="gather", channel_multiple=onnx_cm), shape)
         with tempfile.TemporaryDirectory() as tmp:
             export(chain, model, tmp, images=images)  # verified artifacts, as deployed
             ts_small = torch.jit.load(os.path.join(tmp, "chain.ts"))
@@ -168,12 +178,14 @@ def main(argv=None) -> int:
                 for runtime, orig, comp in (("eager", model, small), ("torchscript", ts_orig, ts_small),
                                             ("onnxruntime", ort_orig, ort_small)):
                     t_o, t_c, speed = _paired_ms(orig, comp, x, args.reps)
-                    rows.append((name, runtime, batch, s_orig["params"], s_small["params"], s_orig["flops"],
-                                 s_small["flops"], ratio, t_o, t_c, speed))
+                    s_c = s_onnx if runtime == "onnxruntime" else s_small
+                    ratio = s_orig["flops"] / max(s_c["flops"], 1)
+                    rows.append((name, runtime, batch, s_orig["params"], s_c["params"], s_orig["flops"],
+                                 s_c["flops"], ratio, t_o, t_c, speed))
         _print(rows)
     print("FLOPs: multiply-accumulates of conv and linear layers per image; FLOP x = original / compact; "
           "target = 0.6 x FLOP x; latency = median wall time of one forward pass; speed-up = median of the "
-          f"ratios of interleaved runs; {args.threads} thread(s)")
+          f"ratios of interleaved runs; {args.threads} thread(s); ONNX channel_multiple {onnx_cm}")
     return 0
 
 
@@ -182,7 +194,7 @@ def _print(rows) -> None:
             "speed-up", "target", "met")
     lines = [head]
     for name, rt, b, po, pc, fo, fc, ratio, to, tc, speed in rows:
-        lines.append((name, rt, str(b), f"{po / 1e6:.2f}M", f"{pc / 1e6:.2f}M", f"{fo / 1e9:.3f}G", f"{fc / 1e9:.3f}G",
+        lines.append((name, rt, str(b), f"{po / 1e6:.2f}M", f"{pc / 1e6:.2f}M", f"{fo / 1e6:.1f}M", f"{fc / 1e6:.1f}M",
                       f"{ratio:.2f}", f"{to:.2f}", f"{tc:.2f}", f"{speed:.2f}", f"{0.6 * ratio:.2f}",
                       "yes" if speed >= 0.6 * ratio else "no"))
     widths = [max(len(r[i]) for r in lines) for i in range(len(head))]
