@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from ._paths import fetch
+
 Node = fx.Node
 
 # ---- supported operations -------------------------------------------------------------
@@ -127,7 +129,7 @@ def classify(gm: fx.GraphModule, node: Node) -> str:
         ValueError: naming the module path, for anything unsupported.
     """
     if node.op == "get_attr":
-        value = _fetch(gm, node.target)
+        value = fetch(gm, node.target)
         if isinstance(value, nn.Parameter):
             raise _unsupported(node, f"parameter {node.target!r} is used directly (only the "
                                      "parameters of Conv2d, BatchNorm2d and Linear are supported)")
@@ -189,10 +191,3 @@ def classify(gm: fx.GraphModule, node: Node) -> str:
 def _operands(node: Node) -> Tuple[object, object]:
     args = (*node.args, node.kwargs.get("other"))
     return args[0], args[1]
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj

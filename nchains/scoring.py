@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ._fusion import plan_fusions
+from ._paths import fetch, missing, set_path
 from .analysis import ConvUnit, LinearUnit, ModelGraph
 
 try:
@@ -132,32 +133,6 @@ def _out_of_place(node: fx.Node) -> None:
         args = list(node.args)
         args[names.index("inplace")] = False
         node.args = tuple(args)
-
-
-def _set_path(root: nn.Module, path: str, value) -> None:
-    *parents, leaf = path.split(".")
-    for atom in parents:
-        if not hasattr(root, atom):
-            root.add_module(atom, nn.Module())
-        root = getattr(root, atom)
-    if isinstance(value, nn.Module):
-        root.add_module(leaf, value)
-    else:
-        root.register_buffer(leaf, value)
-
-
-def _fetch(root: nn.Module, path: str):
-    for atom in path.split("."):
-        root = getattr(root, atom)
-    return root
-
-
-def _missing(root: nn.Module, path: str) -> bool:
-    try:
-        _fetch(root, path)
-    except AttributeError:
-        return True
-    return False
 
 
 def _own_copy(value):
@@ -339,10 +314,10 @@ class ScoredModel(nn.Module):
             else:
                 value = new.node_copy(node, lambda n: env[n])
                 if node.op in ("call_module", "get_attr"):
-                    if _missing(root.model, node.target):
+                    if missing(root.model, node.target):
                         value_of = (gm.get_submodule if node.op == "call_module"
-                                    else partial(_fetch, gm))
-                        _set_path(root.model, node.target, _own_copy(value_of(node.target)))
+                                    else partial(fetch, gm))
+                        set_path(root.model, node.target, _own_copy(value_of(node.target)))
                     value.target = f"model.{node.target}"
                 _out_of_place(value)
                 tag(value, node)

@@ -12,6 +12,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .._paths import set_path
 from .flat_graph import _Flattener
 
 
@@ -153,18 +154,7 @@ class _Rebuilder(_Flattener):
             return seq
         holder = nn.Module()
         for target, value in [*mods.items(), *attrs.items()]:
-            *prefix, field = target.split(".")
-            owner = holder
-            for atom in prefix:
-                if not hasattr(owner, atom):
-                    owner.add_module(atom, nn.Module())
-                owner = getattr(owner, atom)
-            if isinstance(value, nn.Module):
-                owner.add_module(field, value)
-            elif isinstance(value, nn.Parameter):
-                owner.register_parameter(field, value)
-            else:
-                owner.register_buffer(field, value)
+            set_path(holder, target, value)
         g.lint()
         return fx.GraphModule(holder, g, class_name=_short_type(typ))
 
