@@ -26,20 +26,23 @@ from ._units import ConvUnit
 
 @dataclass(frozen=True)
 class ResidualTail:
-    """The tail of unit ``unit``: ``add`` (of ``shortcut``), then ``act`` (``"relu"`` at node
-    ``act_node``, or ``"none"``), gated by ``region`` (None: not gated) with its ``block_input``.
-    ``output`` is the last node the fused call replaces."""
+    """A unit's tail: ``add`` (of ``shortcut``), then a ReLU at ``act_node`` (None: no
+    activation), gated by ``region`` (None: not gated) with its ``block_input``."""
 
-    unit: str
     add: Node
     shortcut: Node
-    act: str
     act_node: Optional[Node]
     region: Optional[str]
     block_input: Optional[Node]
 
     @property
+    def act(self) -> str:
+        """The fused call's activation: ``"relu"`` or ``"none"``."""
+        return "relu" if self.act_node is not None else "none"
+
+    @property
     def output(self) -> Node:
+        """The last node the fused call replaces."""
         return self.act_node if self.act_node is not None else self.add
 
 
@@ -79,7 +82,6 @@ def plan_fusions(graph, units: Dict[str, object], layer_gated: set) -> Dict[str,
         # fused, so that the other is computed before the fused call needs it.
         claims[add] = name
         tails[name] = ResidualTail(
-            unit=name, add=add, shortcut=shortcut, act="relu" if act_node is not None else "none",
-            act_node=act_node, region=region.name if region is not None else None,
+            add=add, shortcut=shortcut, act_node=act_node, region=region.name if region is not None else None,
             block_input=region.input if region is not None else None)
     return {name: t for name, t in tails.items() if claims[t.add] == name}

@@ -158,6 +158,26 @@ def _keys(names) -> Dict[str, str]:
     return keys
 
 
+class _FlatParts:
+    """Per-unit (per-region) parts of a flat tensor attribute in a graph being built: the
+    attribute is read and split once, at first use (so after the placeholders), and each
+    part is a ``getitem`` of that split; every node made is tagged ``nchains_param``."""
+
+    def __init__(self, graph: fx.Graph, attr: str, split_args: tuple):
+        self.graph, self.attr, self.split_args = graph, attr, split_args
+        self.split: Optional[fx.Node] = None
+
+    def __getitem__(self, index: int) -> fx.Node:
+        if self.split is None:
+            flat = self.graph.get_attr(self.attr)
+            fn = torch.split if self.split_args else torch.unbind
+            self.split = self.graph.call_function(fn, (flat, *self.split_args))
+            flat.meta, self.split.meta = {"nchains_param": True}, {"nchains_param": True}
+        item = self.graph.call_function(operator.getitem, (self.split, index))
+        item.meta = {"nchains_param": True}
+        return item
+
+
 def _gate_value(gate) -> int:
     value = float(gate.item() if isinstance(gate, torch.Tensor) else gate)
     if value not in (0.0, 1.0):
@@ -225,6 +245,7 @@ class ScoredModel(nn.Module):
         offsets = [0]
         for n in sizes:
             offsets.append(offsets[-1] + n)
+        self._unit_index = {name: i for i, name in enumerate(units)}
         self._score_slices = {name: slice(offsets[i], offsets[i + 1]) for i, name in enumerate(units)}
         self._gate_index = {name: i for i, name in enumerate(graph.regions)}
         root.flat_scores = nn.Parameter(torch.ones(offsets[-1], dtype=dtype, device=device))
@@ -232,7 +253,6 @@ class ScoredModel(nn.Module):
         self._template = self._rewrite(graph, root, units, fuse=False)
         self._soft_template = self._rewrite(graph, root, units, fuse=True) if fuse else self._template
         root.model.requires_grad_(False).eval()
-        root.register_buffer("hard_flat_scores", None)
         self.net = fx.GraphModule(root, copy.deepcopy(self._soft_template), class_name="ScoredNet")
         for attr in ("units", "model", "flat_scores", "flat_gate_logits"):
             setattr(self.net, attr, getattr(root, attr))
@@ -265,28 +285,18 @@ class ScoredModel(nn.Module):
             if t.region is not None:
                 block_gate.pop(t.output, None)
         new, env = fx.Graph(), {}
-        unit_index = {name: i for i, name in enumerate(units)}
-        split: Dict[str, fx.Node] = {}  # the flat parameters' split nodes, made at first use
+        scores = _FlatParts(new, "flat_scores", (self._score_sizes,))
+        logits = _FlatParts(new, "flat_gate_logits", ())
 
         def tag(n: fx.Node, src: Optional[fx.Node], **extra) -> fx.Node:
             n.meta = {"nchains_region": region_of.get(src), **extra}
             return n
 
-        def part(flat: str, fn, index: int) -> fx.Node:
-            if flat not in split:
-                args = (new.get_attr(flat),) + ((self._score_sizes,) if fn is torch.split else ())
-                split[flat] = new.call_function(fn, args)
-                split[flat].meta = {"nchains_param": True}
-                split[flat].args[0].meta = {"nchains_param": True}
-            item = new.call_function(operator.getitem, (split[flat], index))
-            item.meta = {"nchains_param": True}
-            return item
-
         def score_of(name: str) -> fx.Node:
-            return part("flat_scores", torch.split, unit_index[name])
+            return scores[self._unit_index[name]]
 
         def logit_of(region: str) -> fx.Node:
-            return part("flat_gate_logits", torch.unbind, self._gate_index[region])
+            return logits[self._gate_index[region]]
 
         for node in gm.graph.nodes:
             if node in skipped or node in deferred or node in env:
@@ -332,8 +342,7 @@ class ScoredModel(nn.Module):
         """Hard graph from the soft template: removed regions become the identity (their
         nodes are dropped), kept regions lose their blend, scores come from buffers."""
         new, env = fx.Graph(), {}
-        index = {name: i for i, name in enumerate(self._score_slices)}
-        split: list = []  # hard_flat_scores split once, at first use
+        scores = _FlatParts(new, "hard_flat_scores", (self._score_sizes,))
         for node in self._template.nodes:
             unit, gate = node.meta.get("nchains_unit"), node.meta.get("nchains_gate")
             if gate is not None and gate in removed:
@@ -341,10 +350,7 @@ class ScoredModel(nn.Module):
             elif node.meta.get("nchains_region") in removed and node.op != "get_attr":
                 continue  # (constants may be shared; dead ones are eliminated below)
             elif unit is not None:
-                if not split:
-                    split.append(new.call_function(torch.split, (new.get_attr("hard_flat_scores"), self._score_sizes)))
-                score = new.call_function(operator.getitem, (split[0], index[unit]))
-                env[node] = new.call_module(node.target, (env[node.args[0]], score))
+                env[node] = new.call_module(node.target, (env[node.args[0]], scores[self._unit_index[unit]]))
             elif gate is not None:
                 env[node] = env[node.args[0]]
             elif node.meta.get("nchains_param"):

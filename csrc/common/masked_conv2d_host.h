@@ -15,6 +15,12 @@ namespace nchains {
 
 inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// A plan tensor's data, or null for an absent one (r, x when the flags say so).
+template <typename scalar_t>
+const scalar_t* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+}
+
 // Runs fn.template operator()<RELU, GATED, RES>() for the runtime flags.
 template <bool RES, typename F>
 void dispatch_relu_gated(bool relu, bool gated, const F& fn) {

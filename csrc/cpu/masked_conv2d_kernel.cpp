@@ -22,11 +22,6 @@ struct Ptrs {
   const scalar_t* x;
 };
 
-template <typename scalar_t>
-const scalar_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
 // The element loops, as functions of __restrict__ pointers and plain values: GCC vectorises
 // them as such, while the same loops inlined into lambdas that capture by reference stayed
 // scalar, with a mispredicted ReLU branch per element (~6x slower when gated). r and x are read
@@ -176,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> masked_conv2d_forward_cpu(
   AT_DISPATCH_FLOATING_TYPES(p.z.scalar_type(), "masked_conv2d_cpu", [&] {
     const scalar_t g = gate_of<scalar_t>(gate_logit, temperature);
     const Ptrs<scalar_t> ptrs{p.z.const_data_ptr<scalar_t>(), p.s.const_data_ptr<scalar_t>(),
-                              ptr_or_null<scalar_t>(p.r), ptr_or_null<scalar_t>(p.x)};
+                              data_or_null<scalar_t>(p.r), data_or_null<scalar_t>(p.x)};
     dispatch_flags(p.relu, p.gated, p.res, [&]<bool RELU, bool GATED, bool RES>() {
       epilogue_forward<scalar_t, RELU, GATED, RES>(ptrs, g, p.out.mutable_data_ptr<scalar_t>(), p.v);
     });
@@ -207,7 +202,7 @@ MaskedConvGrads masked_conv2d_backward_cpu(
     const scalar_t g = gate_of<scalar_t>(gate_logit, temperature);
     g_value = static_cast<double>(g);
     const Ptrs<scalar_t> ptrs{p.z.const_data_ptr<scalar_t>(), p.s.const_data_ptr<scalar_t>(),
-                              ptr_or_null<scalar_t>(p.r), ptr_or_null<scalar_t>(p.x)};
+                              data_or_null<scalar_t>(p.r), data_or_null<scalar_t>(p.x)};
     scalar_t* gr = p.res ? p.gr.mutable_data_ptr<scalar_t>() : nullptr;
     dispatch_flags(p.relu, p.gated, p.res, [&]<bool RELU, bool GATED, bool RES>() {
       const scalar_t direct = p.shared ? scalar_t(1) - g : scalar_t(0);

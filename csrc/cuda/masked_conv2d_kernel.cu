@@ -33,11 +33,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
-}
-
 template <typename scalar_t, typename index_t, bool RELU, bool GATED, bool RES>
 void launch_forward(const ForwardPlan& p, const scalar_t* logit, double temperature) {
   const int64_t numel = p.z.numel();
