@@ -6,8 +6,12 @@ gradients, convolution workspaces). glibc serves blocks above its mmap threshold
 in again and the kernel zeroes every page: on torchvision ResNet-50 at 224x224 with 20 images
 that is ~78,000 faults (~300 MiB zeroed) per iteration (``tools/bench_extract.py``, column
 ``flt/it``). Inside :func:`keep_freed_memory` glibc serves every block from its heap and keeps
-freed memory for reuse; on exit its defaults come back and the heap is trimmed, so the memory
-returns to the system. Elsewhere (another libc or OS) it does nothing.
+freed memory for reuse; on exit the heap is trimmed, so the memory returns to the system, and
+glibc's limits are set to where its own adaptive rule takes them in a process that frees large
+blocks. (Any ``mallopt`` of these limits switches that rule off for good; leaving glibc's
+static defaults instead would send every block above 128 KiB to a fresh ``mmap`` for the rest of
+the process: inference after an extraction in the same process ran 1.5-2.5x slower.)
+Elsewhere (another libc or OS) it does nothing.
 
 Set ``NCHAINS_KEEP_MEMORY=0`` to turn it off.
 """
@@ -20,11 +24,15 @@ import os
 import sys
 from typing import Iterator, Optional
 
-# mallopt parameters (malloc.h) and glibc's defaults for them.
+# mallopt parameters (malloc.h) and the values restored on exit: glibc's default mmap count and
+# the ceiling of its adaptive thresholds (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; the trim
+# threshold follows at twice the mmap threshold).
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
+_ADAPTED_MMAP_THRESHOLD = 32 * 1024 * 1024
+_ADAPTED_TRIM_THRESHOLD = 2 * _ADAPTED_MMAP_THRESHOLD
 _KEEP_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int
 
 
@@ -54,5 +62,6 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        libc.mallopt(_M_MMAP_THRESHOLD, _ADAPTED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _ADAPTED_TRIM_THRESHOLD)
         libc.malloc_trim(0)
