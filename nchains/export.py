@@ -55,6 +55,7 @@ class _Exporter:
     plain: Callable[[Any], None]  # ExportError when the program needs nchains
     scatter: str = "index_add"  # compact(scatter=...): the faster exact encoding for the runtime
     channel_multiple: int = 1  # compact(channel_multiple=...): channel blocks of the runtime's fast convs
+    max_pool: str = "separable"  # compact(max_pool=...): the faster exact form of max pooling there
 
 
 @contextlib.contextmanager
@@ -187,7 +188,7 @@ _EXPORTERS: Dict[str, _Exporter] = {
     # need input and output channels in whole blocks; odd counts fall back to the plain NCHW
     # conv at a fraction of the throughput, with layout Reorders around it.
     "onnx": _Exporter(_onnx_prepare, _onnx_serialize, _onnx_load, _onnx_plain, scatter="gather",
-                      channel_multiple=8),
+                      channel_multiple=8, max_pool="native"),
     "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain),
 }
 
@@ -403,7 +404,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
                      else _default_preprocessing(chain), keep_scores, n_out, dtype)
     example = inputs["random"][:2]
 
-    graphs = {("index_add", 1): gm}
+    graphs = {("index_add", 1, "separable"): gm}
     programs: Dict[str, Any] = {}
     how: Dict[str, str] = {}
     bar = None
@@ -415,10 +416,10 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
         for fmt in fmts:
             exporter = _EXPORTERS[fmt]
             try:
-                key = (exporter.scatter, exporter.channel_multiple)
+                key = (exporter.scatter, exporter.channel_multiple, exporter.max_pool)
                 if key not in graphs:
                     graphs[key] = compact(chain, model, keep_scores=keep_scores, scatter=exporter.scatter,
-                                          channel_multiple=exporter.channel_multiple)
+                                          channel_multiple=exporter.channel_multiple, max_pool=exporter.max_pool)
                 programs[fmt], how[fmt] = exporter.prepare(graphs[key], example)
                 exporter.plain(programs[fmt])
                 data = exporter.serialize(programs[fmt], _dumps(meta))
@@ -432,6 +433,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
             checks[fmt] = _compare(fmt, run, inputs, refs)
             checks[fmt]["exporter"] = how[fmt]
             checks[fmt]["channel_multiple"] = exporter.channel_multiple
+            checks[fmt]["max_pool"] = exporter.max_pool
             checks[fmt]["flops"] = model_stats(graphs[key], chain.input_shape)["flops"]  # padding counts
             if not checks[fmt]["passed"]:
                 raise ExportError(f"{fmt} export failed verification against the masked model: "

@@ -389,3 +389,81 @@ def test_channel_multiple_errors(resnet18):
     for bad in (0, -8, 2.0, True):
         with pytest.raises(ValueError, match="channel_multiple"):
             compact(chain, resnet18, channel_multiple=bad)
+
+
+# ---- max_pool="separable": max pooling as strided slices and maxima -----------------------------
+
+class PoolNet(nn.Module):
+    """Max pools of the forms compact meets: a module after ReLU (ResNet's stem), a functional
+    call with keyword arguments, non-square kernel and stride, after LeakyReLU; kernel equal to
+    stride after SiLU (not monotone: not moved); after a ReLU whose output is also added back
+    (the activation keeps its other user); ceil mode that adds a window (left native)."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(3, 2, 1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.act2 = nn.LeakyReLU(0.1)
+        self.conv3 = nn.Conv2d(16, 24, 3, padding=1)
+        self.act3 = nn.SiLU()
+        self.pool3 = nn.MaxPool2d(2)
+        self.conv4 = nn.Conv2d(24, 24, 3, padding=1)
+        self.pool4 = nn.MaxPool2d(3, 1, 1)
+        self.pool5 = nn.MaxPool2d(2, ceil_mode=True)
+        self.fc = nn.Linear(24 * 2 * 3, classes)
+
+    def forward(self, x):
+        x = self.pool1(self.relu(self.bn1(self.conv1(x))))  # 20x20 -> 10x10
+        x = F.max_pool2d(self.act2(self.conv2(x)), kernel_size=(2, 3), stride=(2, 1), padding=(1, 1))  # 6x10
+        x = self.pool3(self.act3(self.conv3(x)))  # 3x5
+        a = self.relu(self.conv4(x))
+        x = self.pool4(a) + a
+        return self.fc(torch.flatten(self.pool5(x), 1))  # ceil: 2x3
+
+
+def _max_pools(small: nn.Module) -> int:
+    return sum(1 for n in small.graph.nodes
+               if n.target is F.max_pool2d or (n.op == "call_module"
+                                              and isinstance(small.get_submodule(n.target), nn.MaxPool2d)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_separable_max_pool_is_exact(seed):
+    torch.manual_seed(seed)
+    model = randomize(PoolNet(), seed)
+    x = torch.randn(4, 3, 20, 20)
+    x[0, :, 3:6, 3:6] = -1e30  # windows whose maximum is a large negative value
+    chain = make_chain(model, x, seed=seed, p_dead=0.0, p_gate=1.0)
+    fast = assert_matches(chain, model, x)
+    native = compact(chain, model, max_pool="native")
+    assert _max_pools(native) == 5 and _max_pools(fast) == 1  # only the ceil-mode pool stays
+    with torch.no_grad():
+        assert torch.equal(fast(x), native(x))
+    for multiple in (1, 8):  # with zero padding channels too
+        assert_matches(chain, model, x, channel_multiple=multiple, max_pool="separable")
+
+
+def test_separable_max_pool_applies_monotone_activations_after_pooling():
+    """ReLU and LeakyReLU move after the pooling (they commute with max; 4x fewer elements for a
+    2x2 pool); SiLU does not; a ReLU whose output has another user still runs for that user."""
+    model = randomize(PoolNet())
+    x = torch.randn(2, 3, 20, 20)
+    chain = make_chain(model, x, p_keep=1.0, p_dead=0.0, p_gate=1.0)
+    small = compact(chain, model)
+    acts = {n.target: n for n in small.graph.nodes if n.op == "call_module"
+            and isinstance(small.get_submodule(n.target), (nn.ReLU, nn.LeakyReLU, nn.SiLU))}
+    inputs = {target: node.args[0] for target, node in acts.items()}
+    moved = [t for t, a in inputs.items() if a.op == "call_function" and a.target is torch.maximum]
+    kinds = sorted(type(small.get_submodule(t)).__name__ for t in moved)
+    assert kinds == ["LeakyReLU", "ReLU", "ReLU"], kinds  # stem, conv2, conv4 (kept for its add)
+    silu = [t for t in acts if isinstance(small.get_submodule(t), nn.SiLU)]
+    assert len(silu) == 1 and inputs[silu[0]].op == "call_module"  # SiLU stays before the pool
+
+
+def test_max_pool_argument_errors(resnet18):
+    chain = make_chain(resnet18, torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="max_pool must be 'separable' or 'native'"):
+        compact(chain, resnet18, max_pool="fast")

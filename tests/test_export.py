@@ -16,7 +16,7 @@ import torchvision
 
 from nchains.export import ExportError, export
 from nchains.inspect import format_report, inspect_artifact, read_embedded
-from test_compact import make_chain, mixed_net, randomize
+from test_compact import PoolNet, make_chain, mixed_net, randomize
 
 # the module itself: the package may re-export the function under the same name
 export_mod = importlib.import_module("nchains.export")
@@ -122,6 +122,30 @@ def test_onnx_convs_padded_to_channel_blocks(exported, setup):
     formats = manifest["verification"]["formats"]
     assert formats["onnx"]["channel_multiple"] == 8 and formats["torchscript"]["channel_multiple"] == 1
     assert formats["onnx"]["flops"] > formats["torchscript"]["flops"] == manifest["compact"]["flops"]
+
+
+def test_max_pool_form_per_runtime(tmp_path):
+    """Each artifact gets the faster exact form of max pooling for its runtime: slices and maxima
+    for TorchScript and pt2 (CPU PyTorch's max_pool2d computes indices nobody asked for), the
+    MaxPool op for onnxruntime; all three pass verification against the masked model."""
+    model = randomize(PoolNet())
+    x = torch.randn(4, 3, 20, 20)
+    chain = make_chain(model, x, seed=1, p_dead=0.0, p_gate=1.0)
+    manifest = export(chain, model, tmp_path, images=x)
+    formats = manifest["verification"]["formats"]
+    assert {f: formats[f]["max_pool"] for f in FILES} == {"torchscript": "separable", "onnx": "native",
+                                                          "pt2": "separable"}
+    pools = [n for n in onnx.load(str(tmp_path / "chain.onnx")).graph.node if n.op_type == "MaxPool"]
+    assert len(pools) == 5
+    graph = str(torch.jit.load(str(tmp_path / "chain.ts")).inlined_graph)
+    assert graph.count("aten::max_pool2d") == 1 and "aten::maximum" in graph  # the ceil-mode pool stays
+    ep = torch.export.load(str(tmp_path / "chain.pt2"))
+    assert sum("max_pool2d" in str(n.target) for n in ep.graph.nodes) == 1
+    sess = ort.InferenceSession(str(tmp_path / "chain.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = chain.apply(model)(x)
+    _close(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref)
+    _close(ep.module()(x), ref)
 
 
 def test_pt2_and_torchscript_load(exported, setup):
