@@ -11,6 +11,12 @@ original's FLOPs over the unpadded compact model's. An artifact may compute more
 artifact pads channel counts to ``channel_multiple`` with zero channels): column ``art. FLOPs``
 shows what it computes, but the target does not move with it.
 
+Timings run inside :func:`nchains._memory.keep_freed_memory` (both models alike), as an
+inference server configures its allocator (jemalloc, tcmalloc or glibc's MALLOC_MMAP_THRESHOLD_):
+with glibc's defaults every activation above 32 MiB is a fresh mmap whose pages fault in on
+first touch, which on this VM costs more than the convolution writing them (VGG-19's first conv
+at batch 20: 188 ms, 55 ms without the faults). ``--glibc-defaults`` measures without it.
+
     python tools/bench_export.py                      # all three models, 128x128 inputs
     python tools/bench_export.py --models resnet50 --size 224 --reps 10
     python tools/bench_export.py --models fashion --onnx-channel-multiple 1   # ONNX without padding
@@ -37,6 +43,7 @@ from nchains.compact import compact  # noqa: E402
 from nchains.export import _EXPORTERS, export  # noqa: E402
 from nchains.extract import extract  # noqa: E402
 from nchains.inspect import model_stats  # noqa: E402
+from nchains._memory import keep_freed_memory  # noqa: E402
 
 
 def _paired_ms(orig, comp, x, reps: int):
@@ -143,6 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=11, help="timed runs per measurement (median)")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads of PyTorch and onnxruntime (default 1: stable on a shared machine)")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="time with glibc's allocator defaults (fresh mmap and page faults for blocks above 32 MiB)")
     p.add_argument("--onnx-channel-multiple", type=int, default=None,
                    help="compact(channel_multiple=...) of the ONNX artifact (default: export's, "
                         f"{_EXPORTERS['onnx'].channel_multiple})")
@@ -182,7 +191,8 @@ def main(argv=None) -> int:
                 x = torch.randn(batch, *shape)
                 for runtime, orig, comp in (("eager", model, small), ("torchscript", ts_orig, ts_small),
                                             ("onnxruntime", ort_orig, ort_small)):
-                    t_o, t_c, speed = _paired_ms(orig, comp, x, args.reps)
+                    with keep_freed_memory(enabled=not args.glibc_defaults):
+                        t_o, t_c, speed = _paired_ms(orig, comp, x, args.reps)
                     s_c = s_art[runtime]
                     ratio = s_orig["flops"] / max(s_small["flops"], 1)
                     rows.append((name, runtime, batch, s_orig["params"], s_c["params"], s_orig["flops"],
@@ -191,7 +201,8 @@ def main(argv=None) -> int:
     print("FLOPs: multiply-accumulates of conv and linear layers per image; FLOP x = original / compact (the "
           "chain's, unpadded); art. FLOPs: what the timed artifact computes; "
           "target = 0.6 x FLOP x; latency = median wall time of one forward pass; speed-up = median of the "
-          f"ratios of interleaved runs; {args.threads} thread(s); ONNX channel_multiple {onnx_cm}")
+          f"ratios of interleaved runs; {args.threads} thread(s); ONNX channel_multiple {onnx_cm}; allocator: "
+          + ("glibc defaults" if args.glibc_defaults else "freed memory kept (keep_freed_memory)"))
     return 0
 
 
