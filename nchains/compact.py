@@ -299,8 +299,8 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
         channel_multiple (int): pad the channels of every (ungrouped) conv's input and output,
             and of the residual streams, to a multiple of this with exactly-zero channels (zero
             filters, zero bias, zero weights in the consumers), for runtimes whose fast conv
-            kernels need blocked channel counts (onnxruntime's NCHWc: 8 with AVX2, 16 with
-            AVX-512). The padded channels are real computation (counted by
+            kernels need blocked channel counts (onnxruntime's NCHWc and oneDNN behind CPU
+            PyTorch: 8 with AVX2, 16 with AVX-512). The padded channels are real computation (counted by
             :func:`nchains.inspect.model_stats`); outputs are unchanged. Default 1: no padding.
         max_pool (str): how 2-d max pooling (dilation 1, floor-mode sizes) is written; both
             give exactly the same values. ``"separable"`` (default): strided slices and

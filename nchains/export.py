@@ -183,13 +183,13 @@ def _pt2_plain(program) -> None:
 
 
 _EXPORTERS: Dict[str, _Exporter] = {
-    "torchscript": _Exporter(_ts_prepare, _ts_serialize, _ts_load, _ts_plain),
+    "torchscript": _Exporter(_ts_prepare, _ts_serialize, _ts_load, _ts_plain, channel_multiple=8),
     # onnxruntime's CPU NCHWc convs (blocks of 8 with AVX2; 16 with AVX-512 still gains from 8)
     # need input and output channels in whole blocks; odd counts fall back to the plain NCHW
     # conv at a fraction of the throughput, with layout Reorders around it.
     "onnx": _Exporter(_onnx_prepare, _onnx_serialize, _onnx_load, _onnx_plain, scatter="gather",
                       channel_multiple=8, max_pool="native"),
-    "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain),
+    "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain, channel_multiple=8),
 }
 
 

@@ -7,9 +7,10 @@ learned scores are thresholded at a quantile so that about ``--keep`` of the fil
 (random weights give no meaningful chain, only a realistic sparsity pattern). Prints parameters,
 FLOPs and median latency at batch 1 and 20 of the original and the compact model, the measured
 speed-up and the target ``speed-up >= 0.6 x FLOP ratio``. The FLOP ratio is the chain's: the
-original's FLOPs over the unpadded compact model's. An artifact may compute more (the ONNX
-artifact pads channel counts to ``channel_multiple`` with zero channels): column ``art. FLOPs``
-shows what it computes, but the target does not move with it.
+original's FLOPs over the unpadded compact model's. An exported artifact computes more (it pads
+channel counts to its format's ``channel_multiple`` with zero channels): column ``art. FLOPs``
+shows what it computes, but the target does not move with it. The eager rows time
+``compact(chain, model)`` (unpadded).
 
 Timings run inside :func:`nchains._memory.keep_freed_memory` (both models alike), as an
 inference server configures its allocator (jemalloc, tcmalloc or glibc's MALLOC_MMAP_THRESHOLD_):
