@@ -35,13 +35,14 @@ from __future__ import annotations
 import copy
 import math
 import operator
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair
 
-from ._compact_emit import _detached, _nonzero, _State
+from ._compact_emit import _detached, _nonzero, _positions, _State
 from ._compact_units import _slice_bn, _UnitBuilder
 from .analysis import ConvUnit, analyze, is_tensor
 from .chain import Chain
@@ -209,13 +210,20 @@ class _Builder(_UnitBuilder):
         return shape_in[2:], k, st, p
 
     def residual_add(self, node: fx.Node) -> _State:
-        a, b = (self.env[n] for n in node.args[:2]) if len(node.args) >= 2 else \
-            (self.env[node.args[0]], self.env[node.kwargs["other"]])
+        operands = list(node.args[:2]) if len(node.args) >= 2 else [node.args[0], node.kwargs["other"]]
+        a, b = (self.env[n] for n in operands)
         live = sorted(set(a.live) | set(b.live))
         const = a.const + b.const  # valid where both are dead; masked below where one is live
         hint = node.name
         if not live:
             return _State(None, [], const)
+        pad = self.padding(len(live))
+        if (a.live, a.pad) != (live, pad) and (b.live, b.pad) != (live, pad):
+            widened = [self._widen_for_free(s, n, live, pad) for s, n in zip((a, b), operands)]
+            if widened[0] is not None:
+                a = widened[0]
+            elif widened[1] is not None:
+                b = widened[1]
         if a.live == live and b.live == live and a.pad == b.pad:
             return _State(self.call(operator.add, a.node, b.node), live, const, a.pad)
         # Channels live in one operand get the other operand's constant; dead ones the sum.
@@ -226,7 +234,6 @@ class _Builder(_UnitBuilder):
                 base_const[torch.as_tensor(s.live)] += other.const[torch.as_tensor(s.live)]
         out_const = const.clone()
         out_const[idx] = 0
-        pad = self.padding(len(live))
         first, second = (a, b) if (a.live, a.pad) == (live, pad) else (b, a)
         rest = const.shape[1:]
         if (first.live, first.pad) == (live, pad):
@@ -238,6 +245,33 @@ class _Builder(_UnitBuilder):
             out = self.scatter_add(out, second.node, second.live, live, rest, hint, second.pad, pad)
         out = self.add_const(out, self.pad_const(base_const[idx], pad), f"{hint}_const")
         return _State(out, live, out_const, pad)
+
+    def _widen_for_free(self, s: _State, operand: fx.Node, live: List[int], pad: int) -> Optional[_State]:
+        """``s`` laid out as the residual stream (channels ``live`` then ``pad`` zeros) by
+        moving its conv's filters to the stream's positions, when that costs nothing: ``s`` is a
+        plain conv output (no activation, correction or score op after it) of the stream's padded
+        width, read by this add only, and zero wherever it writes no channel. The zero filters
+        fill channels that were padding anyway, so the join needs no zeros tensor and one
+        scatter fewer (``channel_multiple > 1`` only: unpadded convs keep exactly their filters)."""
+        if self.multiple == 1 or s.node is None or s.node.op != "call_module" or s.node.users \
+                or len(operand.users) != 1 or s.width != len(live) + pad:
+            return None
+        conv = self.root.get_submodule(s.node.target)
+        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.out_channels != s.width:
+            return None
+        new_pos = torch.as_tensor([c for c in live if c not in set(s.live)], dtype=torch.long)
+        if len(new_pos) and _nonzero(s.const[new_pos]):
+            return None
+        rows = torch.as_tensor(_positions(live, s.live), dtype=torch.long)
+        wide = copy.deepcopy(conv)
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.weight[rows] = conv.weight[: len(s.live)]
+            if wide.bias is not None:
+                wide.bias.zero_()
+                wide.bias[rows] = conv.bias[: len(s.live)]
+        setattr(self.root, s.node.target, wide)
+        return _State(s.node, list(live), s.const, pad)
 
     def concat(self, node: fx.Node) -> _State:
         parts = list(node.args[0])

@@ -1,5 +1,6 @@
 """The compact model equals the masked model, with physically smaller layers and no dead convs."""
 
+import operator
 import random
 
 import pytest
@@ -467,3 +468,35 @@ def test_max_pool_argument_errors(resnet18):
     chain = make_chain(resnet18, torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="max_pool must be 'separable' or 'native'"):
         compact(chain, resnet18, max_pool="fast")
+
+
+@pytest.mark.parametrize("scatter", ["index_add", "gather"])
+def test_padded_join_lays_a_branch_conv_out_as_the_stream(resnet18, scatter):
+    """A residual join where neither operand holds the whole stream: in a padded graph, a
+    branch conv already as wide as the padded stream takes its filters at the stream's
+    positions (zero filters where the padding was), so it is the join's base: no zeros tensor
+    and one scatter fewer, no extra filters. Same outputs as unpadded."""
+    x = torch.randn(2, 3, 32, 32)
+    # layer2.0: shortcut filters 0..6 (7 -> 8 wide), conv2 filters 5..7 (3 -> 8); stream 0..7 (8)
+    kept = {"layer2.0.downsample.0": list(range(7)), "layer2.0.conv2": [5, 6, 7]}
+    chain = make_chain(resnet18, x, seed=2, p_dead=0.0, p_gate=1.0, kept=kept)
+    padded = assert_same_as_unpadded(chain, resnet18, [x], scatter=scatter)
+    calls = {}
+    for name in kept:
+        info = padded.nchains_layers[name]
+        conv = getattr(padded, info["module"])
+        assert conv.out_channels == 8 and info["out"] == kept[name]  # as wide as padding made it
+        rows = torch.nonzero(conv.weight.flatten(1).abs().sum(1)).flatten().tolist()
+        calls[name] = (next(n for n in padded.graph.nodes if n.op == "call_module" and n.target == info["module"]),
+                       rows)
+    expected = torch.index_add if scatter == "index_add" else operator.add
+    joins = {u for call, _ in calls.values() for u in call.users}
+    joins |= {u for j in list(joins) if j.target is torch.index_select for u in j.users}
+    join = next(j for j in joins if j.target is expected and any(j.args[0] is c for c, _ in calls.values()))
+    base = next(name for name, (c, _) in calls.items() if join.args[0] is c)
+    # the base conv's filters sit at the stream's positions (the stream is channels 0..7)
+    assert calls[base][1] == kept[base]
+    unpadded = compact(chain, resnet18, scatter=scatter)
+    assert not any(n.target == "new_zeros" for n in padded.graph.nodes if n.args and n.args[0] is join.args[0])
+    n_ops = lambda g: sum(n.op in ("call_function", "call_method") for n in g.graph.nodes)  # noqa: E731
+    assert n_ops(padded) < n_ops(unpadded)
