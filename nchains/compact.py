@@ -256,6 +256,8 @@ class _Builder(_UnitBuilder):
         if self.multiple == 1 or s.node is None or s.node.op != "call_module" or s.node.users \
                 or len(operand.users) != 1 or s.width != len(live) + pad:
             return None
+        if sum(v is s for v in self.env.values()) != 1:  # another node (a removed region) shares it
+            return None
         conv = self.root.get_submodule(s.node.target)
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.out_channels != s.width:
             return None
