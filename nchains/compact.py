@@ -219,11 +219,12 @@ class _Builder(_UnitBuilder):
             return _State(None, [], const)
         pad = self.padding(len(live))
         if (a.live, a.pad) != (live, pad) and (b.live, b.pad) != (live, pad):
-            widened = [self._widen_for_free(s, n, live, pad) for s, n in zip((a, b), operands)]
-            if widened[0] is not None:
-                a = widened[0]
-            elif widened[1] is not None:
-                b = widened[1]
+            # at most one operand (widening rewrites its conv: the other must keep its layout)
+            wide = self._widen_for_free(a, operands[0], live, pad)
+            if wide is not None:
+                a = wide
+            else:
+                b = self._widen_for_free(b, operands[1], live, pad) or b
         if a.live == live and b.live == live and a.pad == b.pad:
             return _State(self.call(operator.add, a.node, b.node), live, const, a.pad)
         # Channels live in one operand get the other operand's constant; dead ones the sum.
@@ -261,7 +262,8 @@ class _Builder(_UnitBuilder):
         conv = self.root.get_submodule(s.node.target)
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.out_channels != s.width:
             return None
-        new_pos = torch.as_tensor([c for c in live if c not in set(s.live)], dtype=torch.long)
+        own = set(s.live)
+        new_pos = torch.as_tensor([c for c in live if c not in own], dtype=torch.long)
         if len(new_pos) and _nonzero(s.const[new_pos]):
             return None
         rows = torch.as_tensor(_positions(live, s.live), dtype=torch.long)

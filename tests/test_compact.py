@@ -470,15 +470,19 @@ def test_max_pool_argument_errors(resnet18):
         compact(chain, resnet18, max_pool="fast")
 
 
+@pytest.mark.parametrize("kept", [
+    # shortcut filters 0..6 (7 -> 8 wide), conv2 filters 5..7 (3 -> 8); stream 0..7 (8)
+    {"layer2.0.downsample.0": list(range(7)), "layer2.0.conv2": [5, 6, 7]},
+    # both qualify and either layout moves: only the one made the base may change
+    {"layer2.0.downsample.0": list(range(1, 8)), "layer2.0.conv2": [0]},
+])
 @pytest.mark.parametrize("scatter", ["index_add", "gather"])
-def test_padded_join_lays_a_branch_conv_out_as_the_stream(resnet18, scatter):
+def test_padded_join_lays_a_branch_conv_out_as_the_stream(resnet18, scatter, kept):
     """A residual join where neither operand holds the whole stream: in a padded graph, a
     branch conv already as wide as the padded stream takes its filters at the stream's
     positions (zero filters where the padding was), so it is the join's base: no zeros tensor
     and one scatter fewer, no extra filters. Same outputs as unpadded."""
     x = torch.randn(2, 3, 32, 32)
-    # layer2.0: shortcut filters 0..6 (7 -> 8 wide), conv2 filters 5..7 (3 -> 8); stream 0..7 (8)
-    kept = {"layer2.0.downsample.0": list(range(7)), "layer2.0.conv2": [5, 6, 7]}
     chain = make_chain(resnet18, x, seed=2, p_dead=0.0, p_gate=1.0, kept=kept)
     padded = assert_same_as_unpadded(chain, resnet18, [x], scatter=scatter)
     calls = {}
@@ -494,8 +498,11 @@ def test_padded_join_lays_a_branch_conv_out_as_the_stream(resnet18, scatter):
     joins |= {u for j in list(joins) if j.target is torch.index_select for u in j.users}
     join = next(j for j in joins if j.target is expected and any(j.args[0] is c for c, _ in calls.values()))
     base = next(name for name, (c, _) in calls.items() if join.args[0] is c)
-    # the base conv's filters sit at the stream's positions (the stream is channels 0..7)
+    # the base conv's filters sit at the stream's positions (the stream is channels 0..7), the
+    # other conv's stay first, in its own layout
     assert calls[base][1] == kept[base]
+    other = next(name for name in kept if name != base)
+    assert calls[other][1] == list(range(len(kept[other])))
     unpadded = compact(chain, resnet18, scatter=scatter)
     assert not any(n.target == "new_zeros" for n in padded.graph.nodes if n.args and n.args[0] is join.args[0])
     n_ops = lambda g: sum(n.op in ("call_function", "call_method") for n in g.graph.nodes)  # noqa: E731
