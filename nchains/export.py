@@ -434,7 +434,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
             checks[fmt]["exporter"] = how[fmt]
             checks[fmt]["channel_multiple"] = exporter.channel_multiple
             checks[fmt]["max_pool"] = exporter.max_pool
-            checks[fmt]["flops"] = model_stats(graphs[key], chain.input_shape)["flops"]  # padding counts
+            checks[fmt].update(model_stats(graphs[key], chain.input_shape))  # params, flops: padding counts
             if not checks[fmt]["passed"]:
                 raise ExportError(f"{fmt} export failed verification against the masked model: "
                                   f"{checks[fmt]['failure']}; nothing was written")
