@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ._compact_emit import _detached, _Emitter, _nonzero, _positions, _State
 from .analysis import ConvUnit, LinearUnit
@@ -184,6 +184,31 @@ class _UnitBuilder(_Emitter):
                                "in": [c for ins, _ in groups for c in ins]}
         return _State(out, live_out, const, out_pad)
 
+    def _enlarging_pool(self, u: LinearUnit, s_in: _State) -> Optional[Tuple[fx.Node, torch.Tensor]]:
+        """``(flatten(x), P)`` when the Linear reads ``flatten(adaptive_avg_pool2d(x))`` and the
+        pooling enlarges the map (VGG's 7x7 pool after a 4x4 map at 128x128 inputs: every
+        output averages a few inputs): ``P[i, o]`` is input pixel i's weight in output pixel o,
+        so the Linear's weights times ``P^T`` read ``x`` directly, with ``H_in W_in / (H_out
+        W_out)`` of the weights (3x fewer for 4x4 -> 7x7; memory-bound at batch 1). Else None."""
+        flat_orig, flat = u.input, s_in.node
+        if flat is None or len(flat_orig.users) != 1 or flat.users or flat.op != "call_function" \
+                or flat.target is not torch.flatten or tuple(flat.args[1:]) != (1,) or flat.kwargs:
+            return None
+        pool, pool_orig = flat.args[0], flat_orig.all_input_nodes[0]
+        adaptive = (pool.op == "call_module" and isinstance(self.root.get_submodule(pool.target),
+                                                             nn.AdaptiveAvgPool2d)) \
+            or (pool.op == "call_function" and pool.target is F.adaptive_avg_pool2d)
+        if not adaptive or len(pool.users) != 1 or len(pool_orig.users) != 1 or not pool_orig.all_input_nodes:
+            return None
+        size_in = tuple(pool_orig.all_input_nodes[0].meta["tensor_meta"].shape[2:])
+        size_out = tuple(pool_orig.meta["tensor_meta"].shape[2:])
+        if len(size_in) != 2 or len(size_out) != 2 or size_in[0] * size_in[1] >= size_out[0] * size_out[1]:
+            return None
+        n_in = size_in[0] * size_in[1]
+        basis = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, *size_in)
+        pool_map = F.adaptive_avg_pool2d(basis, size_out).reshape(n_in, -1)
+        return self.call(torch.flatten, pool.args[0], 1), pool_map
+
     def linear_unit(self, u: LinearUnit) -> _State:
         s_in = self.env[u.input]
         lin: nn.Linear = self.gm.get_submodule(u.first.target)
@@ -231,8 +256,21 @@ class _UnitBuilder(_Emitter):
                 new.weight[:, :n_live] = (w.double()[o_idx][:, i_idx] * score[o_idx, None]).to(w.dtype)
                 if new.bias is not None:
                     new.bias.copy_(((b64 + (0 if extra is None else extra)) * score)[o_idx].to(w.dtype))
+        x = s_in.node
+        pooled = None if self.keep_scores else self._enlarging_pool(u, s_in)
+        if pooled is not None:  # fold the pooling's averaging into the weights
+            x, pool_map = pooled
+            with torch.no_grad():
+                w_in = new.weight.double().reshape(len(live_out), -1, pool_map.shape[1]) @ pool_map.T
+            folded = nn.Linear(w_in.shape[1] * w_in.shape[2], len(live_out), bias=new.bias is not None)
+            folded = folded.to(w.dtype).eval().requires_grad_(False)
+            with torch.no_grad():
+                folded.weight.copy_(w_in.reshape(len(live_out), -1))
+                if new.bias is not None:
+                    folded.bias.copy_(new.bias)
+            new = folded
         target = self.module(new, u.first.target)
-        out = self.g.call_module(target, (s_in.node,))
+        out = self.g.call_module(target, (x,))
         if scored and keep:
             out = self.call(operator.mul, out, self.buffer(score[o_idx].to(w.dtype), f"{u.name}_score"))
         if act is not None:

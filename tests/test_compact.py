@@ -150,8 +150,70 @@ def test_vgg11_bn():
     x = torch.randn(2, 3, 32, 32)
     chain = make_chain(model, x, seed=1, p_dead=0.0, p_gate=0.8)
     small = assert_matches(chain, model, x)
-    # the flatten of the pruned features shrinks the first Linear
-    assert small.classifier_0.in_features == 4 * len(small.nchains_layers["features.25"]["out"])
+    # the flatten of the pruned features shrinks the first Linear; the 1x1 -> 2x2 pooling is
+    # folded into it (4x fewer weights) unless the weights must stay exact copies
+    kept = len(small.nchains_layers["features.25"]["out"])
+    assert small.classifier_0.in_features == kept
+    exact = assert_matches(chain, model, x, keep_scores=True)
+    assert exact.classifier_0.in_features == 4 * kept
+
+
+class PoolHeadNet(nn.Module):
+    """A VGG-style head at a small input: a 4x4 map pooled to 7x7 (uneven adaptive bins), flatten,
+    two Linears; ``functional`` writes the pool as ``F.adaptive_avg_pool2d``; ``reuse`` also adds
+    a second head on the pooled map (the pool has a second user: not folded)."""
+
+    def __init__(self, functional: bool = False, reuse: bool = False, out: int = 7):
+        super().__init__()
+        self.functional, self.reuse, self.out = functional, reuse, out
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 24, 3, stride=2, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(out)
+        self.fc1 = nn.Linear(24 * out * out, 32)
+        self.fc2 = nn.Linear(32, 6)
+        self.fc3 = nn.Linear(24 * out * out, 6)
+
+    def forward(self, x):
+        x = F.relu(self.conv2(F.relu(self.conv1(x))))
+        p = F.adaptive_avg_pool2d(x, self.out) if self.functional else self.pool(x)
+        y = self.fc2(F.relu(self.fc1(torch.flatten(p, 1))))
+        return y + self.fc3(torch.flatten(torch.sigmoid(p), 1)) if self.reuse else y
+
+
+def _adaptive_pools(small: nn.Module) -> int:
+    return sum(1 for n in small.graph.nodes
+               if n.target is F.adaptive_avg_pool2d or (n.op == "call_module" and isinstance(
+                   small.get_submodule(n.target), nn.AdaptiveAvgPool2d)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_enlarging_adaptive_pool_folds_into_the_linear(functional, multiple):
+    torch.manual_seed(0)
+    model = randomize(PoolHeadNet(functional=functional))
+    x = torch.randn(3, 3, 8, 8)  # conv2 gives 4x4, pooled to 7x7
+    chain = make_chain(model, x, seed=2, p_dead=0.0, p_gate=1.0, kept={"conv2": [1, 4, 5, 9, 17, 20, 23]})
+    small = assert_matches(chain, model, x, channel_multiple=multiple)
+    assert _adaptive_pools(small) == 0
+    width = 7 + (-7 % multiple)
+    assert small.fc1.in_features == width * 16  # was width * 49
+    # the unfolded Linear on the pooled map (exact copies), both run in float64: they differ
+    # only by the float32 rounding of their weights
+    ref = compact(chain, model, channel_multiple=multiple, keep_scores=True)
+    assert _adaptive_pools(ref) == 1 and ref.fc1.in_features == width * 49
+    with torch.no_grad():
+        a, b = small.double()(x.double()), ref.double()(x.double())
+    assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+
+
+@pytest.mark.parametrize("kw", [dict(out=2), dict(reuse=True)])
+def test_adaptive_pool_not_folded_when_it_shrinks_the_map_or_has_other_users(kw):
+    torch.manual_seed(0)
+    model = randomize(PoolHeadNet(**kw))
+    x = torch.randn(2, 3, 8, 8)
+    chain = make_chain(model, x, seed=1, p_dead=0.0, p_gate=1.0)
+    small = assert_matches(chain, model, x)
+    assert _adaptive_pools(small) == 1
 
 
 @pytest.mark.parametrize("seed", range(4))
