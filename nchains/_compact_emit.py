@@ -114,10 +114,11 @@ class _Emitter:
     def separable_max_pool(self, node: fx.Node, spatial: Sequence[int], kernel: Sequence[int],
                            stride: Sequence[int], padding: Sequence[int]) -> fx.Node:
         """2-d max pooling of ``node`` (``[N, C, *spatial]``, dilation 1, floor mode) as strided
-        slices and elementwise maxima, first along the width, then along the height: exactly the
-        pooled values (max is exact and associative; padding is -inf, as in ``max_pool2d``),
-        without the int64 index tensor that ``max_pool2d`` on CPU computes and writes for every
-        output (4-10x faster on CPU, ``tools/bench_export.py``). When ``node`` is a monotone
+        slices and elementwise maxima, first along the height (slices of whole contiguous rows,
+        which vectorise; 1.1-1.9x faster than width first), then along the width on the smaller
+        tensor: exactly the pooled values (max is exact and associative; padding is -inf, as in
+        ``max_pool2d``), without the int64 index tensor that ``max_pool2d`` on CPU computes and
+        writes for every output (4-10x faster on CPU, ``tools/bench_export.py``). When ``node`` is a monotone
         activation (ReLU, ReLU6, Hardtanh, LeakyReLU with a non-negative slope), it is applied
         after the pooling instead, on the smaller tensor: max commutes with monotone functions,
         exactly in floating point too."""
@@ -127,7 +128,7 @@ class _Emitter:
         if any(padding):
             node = self.call(F.pad, node, (padding[1], padding[1], padding[0], padding[0]), "constant",
                              float("-inf"))
-        for dim in (3, 2):
+        for dim in (2, 3):
             k, st = kernel[dim - 2], stride[dim - 2]
             size = spatial[dim - 2] + 2 * padding[dim - 2]
             out = (size - k) // st + 1
