@@ -320,16 +320,18 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
     Pruned filters are removed together with the matching input channels of every consumer,
     removed regions are the identity, layers with no live filter do not run (their constant
     output is folded downstream), eval-mode BatchNorm is folded into the convs and the chain's
-    scores into the weights. Computes what ``chain.apply(model)`` computes (up to float
-    rounding).
+    scores into the weights, and an adaptive average pooling that enlarges the map before a
+    Linear (``flatten(adaptive_avg_pool2d(x))``, e.g. VGG's 7x7 pool at inputs below 224x224)
+    is folded into that Linear, which then reads ``x``. Computes what ``chain.apply(model)``
+    computes (up to float rounding).
 
     Args:
         chain (Chain): a chain extracted from ``model``.
         model (nn.Module): the original model (weights must match ``chain.model_hash``); not
             modified, except that it is put in eval mode.
-        keep_scores (bool): keep BatchNorm and the scores as explicit per-channel ops, so that
-            every retained filter's weights (and BN parameters) are bit-for-bit copies of the
-            original's.
+        keep_scores (bool): keep BatchNorm and the scores as explicit per-channel ops (and
+            pooling unfolded), so that every retained filter's weights (and BN parameters) are
+            bit-for-bit copies of the original's.
         scatter (str): how a tensor holding a subset of a wider channel set (a residual branch
             writing part of its stream) is added into it; both are exact. ``"index_add"``
             (fastest in eager PyTorch and TorchScript) or ``"gather"`` (zero-pad one channel,
