@@ -16,7 +16,7 @@ import torchvision
 
 from nchains.export import ExportError, export
 from nchains.inspect import format_report, inspect_artifact, read_embedded
-from test_compact import PoolNet, make_chain, mixed_net, randomize
+from test_compact import PoolHeadNet, PoolNet, make_chain, mixed_net, randomize
 
 # the module itself: the package may re-export the function under the same name
 export_mod = importlib.import_module("nchains.export")
@@ -150,6 +150,30 @@ def test_max_pool_form_per_runtime(tmp_path):
         ref = chain.apply(model)(x)
     _close(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref)
     _close(ep.module()(x), ref)
+
+
+def test_enlarging_pool_folded_in_every_format(tmp_path):
+    """The 4x4 -> 7x7 adaptive pool folded into the Linear survives every exporter: the ONNX
+    graph's first Gemm reads the 16 pixels of each (padded) channel, the artifacts agree with the
+    masked model in onnxruntime and torch.export, and they hold fewer parameters than the
+    exact-copies export that keeps the pool."""
+    model = randomize(PoolHeadNet())
+    x = torch.randn(4, 3, 8, 8)
+    chain = make_chain(model, x, seed=2, p_dead=0.0, p_gate=1.0, kept={"conv2": [1, 4, 5, 9, 17, 20, 23]})
+    manifest = export(chain, model, tmp_path / "fold", images=x)
+    exact = export(chain, model, tmp_path / "exact", images=x, keep_scores=True)
+    for f in FILES:
+        assert manifest["verification"]["formats"][f]["params"] < exact["verification"]["formats"][f]["params"]
+    graph = onnx.load(str(tmp_path / "fold" / "chain.onnx")).graph
+    inits = {i.name: list(i.dims) for i in graph.initializer}
+    gemms = [n for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+    assert [d for d in inits[gemms[0].input[1]] if d != 32] == [8 * 16]  # 7 kept + 1 pad channels
+    assert not [n for n in graph.node if "Pool" in n.op_type]
+    with torch.no_grad():
+        ref = chain.apply(model)(x)
+    sess = ort.InferenceSession(str(tmp_path / "fold" / "chain.onnx"), providers=["CPUExecutionProvider"])
+    _close(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0], ref)
+    _close(torch.export.load(str(tmp_path / "fold" / "chain.pt2")).module()(x), ref)
 
 
 def test_pt2_and_torchscript_load(exported, setup):
