@@ -314,7 +314,8 @@ class _Builder(_UnitBuilder):
 
 
 def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
-            scatter: str = "index_add", channel_multiple: int = 1, max_pool: str = "separable") -> fx.GraphModule:
+            scatter: str = "index_add", channel_multiple: int = 1, max_pool: str = "separable",
+            memory_format: str = "contiguous") -> fx.GraphModule:
     """The chain as a small standalone model made of plain PyTorch ops.
 
     Pruned filters are removed together with the matching input channels of every consumer,
@@ -347,6 +348,14 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
             elementwise maxima, which on CPU PyTorch is 4-10x faster than ``max_pool2d``
             (that computes an int64 index per output even when none is wanted); ``"native"``:
             the model's own pooling op (onnxruntime's MaxPool is the faster one there).
+        memory_format (str): ``"contiguous"`` (default), ``"channels_last"`` or ``"auto"``.
+            Channels-last stores the conv weights NHWC and makes an image input NHWC first
+            thing (same values), the layout oneDNN's convolutions use natively: on CPU
+            PyTorch a VGG-19 chain runs 7% faster at batch 1, 14% at batch 20. But PyTorch's
+            channel scatters and gathers (``index_add``, ``index_select`` at residual joins)
+            are ~5x slower on it, which makes a ResNet-50 chain 28% slower. ``"auto"``:
+            channels-last when the graph has no such op. The choice made is in the returned
+            module's ``nchains_memory_format``.
 
     Returns:
         torch.fx.GraphModule in eval mode mapping ``Tensor[N, *chain.input_shape]`` to the
@@ -368,6 +377,8 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
         raise ValueError(f"scatter must be 'index_add' or 'gather', got {scatter!r}")
     if max_pool not in ("separable", "native"):
         raise ValueError(f"max_pool must be 'separable' or 'native', got {max_pool!r}")
+    if memory_format not in ("contiguous", "channels_last", "auto"):
+        raise ValueError(f"memory_format must be 'contiguous', 'channels_last' or 'auto', got {memory_format!r}")
     if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
         raise ValueError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
     if not chain.input_shape:
@@ -388,4 +399,33 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
     builder = _Builder(graph, chain.full_scores(), gates, keep_scores, dtype, scatter, channel_multiple, max_pool)
     gm = builder.build()
     gm.nchains_layers = builder.layers
+    if memory_format == "auto":
+        memory_format = "contiguous" if _channel_index_ops(gm) else "channels_last"
+    if memory_format == "channels_last" and len(chain.input_shape) == 3:
+        _to_channels_last(gm)
+    else:
+        memory_format = "contiguous"
+    gm.nchains_memory_format = memory_format
     return gm.eval().requires_grad_(False)
+
+
+def _channel_index_ops(gm: fx.GraphModule) -> int:
+    """How many channel scatters and gathers (residual joins, widened constants) ``gm`` runs."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in (torch.index_add,
+                                                                                     torch.index_select))
+
+
+def _to_channels_last(gm: fx.GraphModule) -> None:
+    """Store every conv weight channels-last and make the input channels-last first thing (a
+    no-op for a tensor that already is, or has one channel): CPU PyTorch's convs then read and
+    write NHWC, oneDNN's native layout, and the ops between them keep it."""
+    for m in gm.modules():
+        if isinstance(m, nn.Conv2d):
+            m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    users = [u for u in placeholder.users if not (u.op == "call_method" and u.target == "size")]
+    with gm.graph.inserting_after(placeholder):
+        x = gm.graph.call_method("contiguous", (placeholder,), {"memory_format": torch.channels_last})
+    for u in users:
+        u.replace_input_with(placeholder, x)
+    gm.recompile()

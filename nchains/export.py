@@ -56,6 +56,7 @@ class _Exporter:
     scatter: str = "index_add"  # compact(scatter=...): the faster exact encoding for the runtime
     channel_multiple: int = 1  # compact(channel_multiple=...): channel blocks of the runtime's fast convs
     max_pool: str = "separable"  # compact(max_pool=...): the faster exact form of max pooling there
+    memory_format: str = "contiguous"  # compact(memory_format=...): the layout the runtime's convs want
 
 
 @contextlib.contextmanager
@@ -183,13 +184,16 @@ def _pt2_plain(program) -> None:
 
 
 _EXPORTERS: Dict[str, _Exporter] = {
-    "torchscript": _Exporter(_ts_prepare, _ts_serialize, _ts_load, _ts_plain, channel_multiple=8),
+    # CPU PyTorch (TorchScript, pt2): oneDNN's convs work natively on channels-last tensors
+    "torchscript": _Exporter(_ts_prepare, _ts_serialize, _ts_load, _ts_plain, channel_multiple=8,
+                             memory_format="auto"),
     # onnxruntime's CPU NCHWc convs (blocks of 8 with AVX2; 16 with AVX-512 still gains from 8)
     # need input and output channels in whole blocks; odd counts fall back to the plain NCHW
     # conv at a fraction of the throughput, with layout Reorders around it.
     "onnx": _Exporter(_onnx_prepare, _onnx_serialize, _onnx_load, _onnx_plain, scatter="gather",
                       channel_multiple=8, max_pool="native"),
-    "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain, channel_multiple=8),
+    "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain, channel_multiple=8,
+                     memory_format="auto"),
 }
 
 
@@ -416,10 +420,11 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
         for fmt in fmts:
             exporter = _EXPORTERS[fmt]
             try:
-                key = (exporter.scatter, exporter.channel_multiple, exporter.max_pool)
+                key = (exporter.scatter, exporter.channel_multiple, exporter.max_pool, exporter.memory_format)
                 if key not in graphs:
                     graphs[key] = compact(chain, model, keep_scores=keep_scores, scatter=exporter.scatter,
-                                          channel_multiple=exporter.channel_multiple, max_pool=exporter.max_pool)
+                                          channel_multiple=exporter.channel_multiple, max_pool=exporter.max_pool,
+                                          memory_format=exporter.memory_format)
                 programs[fmt], how[fmt] = exporter.prepare(graphs[key], example)
                 exporter.plain(programs[fmt])
                 data = exporter.serialize(programs[fmt], _dumps(meta))
@@ -434,6 +439,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
             checks[fmt]["exporter"] = how[fmt]
             checks[fmt]["channel_multiple"] = exporter.channel_multiple
             checks[fmt]["max_pool"] = exporter.max_pool
+            checks[fmt]["memory_format"] = graphs[key].nchains_memory_format
             checks[fmt].update(model_stats(graphs[key], chain.input_shape))  # params, flops: padding counts
             if not checks[fmt]["passed"]:
                 raise ExportError(f"{fmt} export failed verification against the masked model: "

@@ -569,3 +569,48 @@ def test_padded_join_lays_a_branch_conv_out_as_the_stream(resnet18, scatter, kep
     assert not any(n.target == "new_zeros" for n in padded.graph.nodes if n.args and n.args[0] is join.args[0])
     n_ops = lambda g: sum(n.op in ("call_function", "call_method") for n in g.graph.nodes)  # noqa: E731
     assert n_ops(padded) < n_ops(unpadded)
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_channels_last_runs_nhwc_with_the_same_values(multiple):
+    """Conv weights stored NHWC, the input made NHWC first thing, every conv output NHWC, and
+    the values of the masked model."""
+    torch.manual_seed(0)
+    model = randomize(PoolNet())
+    x = torch.randn(3, 3, 20, 20)
+    chain = make_chain(model, x, seed=2, p_dead=0.0, p_gate=1.0)
+    small = assert_matches(chain, model, x, memory_format="channels_last", channel_multiple=multiple)
+    assert small.nchains_memory_format == "channels_last"
+    assert all(_channels_last(m.weight) for m in convs(small).values())
+    first = next(n for n in small.graph.nodes if n.op != "placeholder")
+    assert first.target == "contiguous" and first.kwargs == {"memory_format": torch.channels_last}
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in convs(small).values()]
+    with torch.no_grad():
+        small(x)
+    for h in hooks:
+        h.remove()
+    assert outputs and all(_channels_last(o) for o in outputs)
+    plain = compact(chain, model, channel_multiple=multiple)
+    assert plain.nchains_memory_format == "contiguous" and not any(_channels_last(m.weight)
+                                                                   for m in convs(plain).values())
+
+
+def test_auto_memory_format_avoids_channel_index_ops(resnet18):
+    """``auto``: channels-last for a plain conv stack, contiguous where residual joins scatter
+    channels (index_add and index_select are ~5x slower on NHWC tensors)."""
+    x = torch.randn(2, 3, 32, 32)
+    chain = make_chain(resnet18, x, seed=0)
+    joins = compact(chain, resnet18, memory_format="auto")
+    assert any(n.target is torch.index_add for n in joins.graph.nodes)
+    assert joins.nchains_memory_format == "contiguous"
+    model = randomize(PoolNet())
+    plain = assert_matches(make_chain(model, torch.randn(2, 3, 20, 20), p_dead=0.0, p_gate=1.0), model,
+                           torch.randn(2, 3, 20, 20), memory_format="auto")
+    assert plain.nchains_memory_format == "channels_last"
+    with pytest.raises(ValueError, match="memory_format must be 'contiguous', 'channels_last' or 'auto'"):
+        compact(chain, resnet18, memory_format="nhwc")

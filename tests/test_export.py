@@ -141,6 +141,13 @@ def test_max_pool_form_per_runtime(tmp_path):
                                                           "pt2": "separable"}
     pools = [n for n in onnx.load(str(tmp_path / "chain.onnx")).graph.node if n.op_type == "MaxPool"]
     assert len(pools) == 5
+    # no residual scatter in this graph: CPU PyTorch's artifacts run channels-last (NHWC weights)
+    assert {f: formats[f]["memory_format"] for f in FILES} == {"torchscript": "channels_last",
+                                                              "onnx": "contiguous", "pt2": "channels_last"}
+    ts_weights = [p for name, p in torch.jit.load(str(tmp_path / "chain.ts")).named_parameters()
+                  if p.dim() == 4]
+    assert ts_weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                              for w in ts_weights)
     graph = str(torch.jit.load(str(tmp_path / "chain.ts")).inlined_graph)
     assert graph.count("aten::max_pool2d") == 1 and "aten::maximum" in graph  # the ceil-mode pool stays
     ep = torch.export.load(str(tmp_path / "chain.pt2"))
