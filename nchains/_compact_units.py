@@ -260,15 +260,9 @@ class _UnitBuilder(_Emitter):
         pooled = None if self.keep_scores else self._enlarging_pool(u, s_in)
         if pooled is not None:  # fold the pooling's averaging into the weights
             x, pool_map = pooled
-            with torch.no_grad():
-                w_in = new.weight.double().reshape(len(live_out), -1, pool_map.shape[1]) @ pool_map.T
-            folded = nn.Linear(w_in.shape[1] * w_in.shape[2], len(live_out), bias=new.bias is not None)
-            folded = folded.to(w.dtype).eval().requires_grad_(False)
-            with torch.no_grad():
-                folded.weight.copy_(w_in.reshape(len(live_out), -1))
-                if new.bias is not None:
-                    folded.bias.copy_(new.bias)
-            new = folded
+            w_in = new.weight.detach().double().reshape(len(live_out), -1, pool_map.shape[1]) @ pool_map.T
+            new.weight = nn.Parameter(w_in.reshape(len(live_out), -1).to(w.dtype), requires_grad=False)
+            new.in_features = new.weight.shape[1]
         target = self.module(new, u.first.target)
         out = self.g.call_module(target, (x,))
         if scored and keep:

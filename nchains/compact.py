@@ -351,7 +351,7 @@ def compact(chain: Chain, model: nn.Module, *, keep_scores: bool = False,
         memory_format (str): ``"contiguous"`` (default), ``"channels_last"`` or ``"auto"``.
             Channels-last stores the conv weights NHWC and makes an image input NHWC first
             thing (same values), the layout oneDNN's convolutions use natively: on CPU
-            PyTorch a VGG-19 chain runs 7% faster at batch 1, 14% at batch 20. But PyTorch's
+            PyTorch a VGG-19 chain runs 7-8% faster at batch 1, 5-14% at batch 20. But PyTorch's
             channel scatters and gathers (``index_add``, ``index_select`` at residual joins)
             are ~5x slower on it, which makes a ResNet-50 chain 28% slower. ``"auto"``:
             channels-last when the graph has no such op. The choice made is in the returned

@@ -58,6 +58,11 @@ class _Exporter:
     max_pool: str = "separable"  # compact(max_pool=...): the faster exact form of max pooling there
     memory_format: str = "contiguous"  # compact(memory_format=...): the layout the runtime's convs want
 
+    def compact_options(self) -> Dict[str, Any]:
+        """The keyword arguments of :func:`nchains.compact.compact` for this runtime."""
+        return {"scatter": self.scatter, "channel_multiple": self.channel_multiple, "max_pool": self.max_pool,
+                "memory_format": self.memory_format}
+
 
 @contextlib.contextmanager
 def _quiet():
@@ -408,7 +413,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
                      else _default_preprocessing(chain), keep_scores, n_out, dtype)
     example = inputs["random"][:2]
 
-    graphs = {("index_add", 1, "separable"): gm}
+    graphs: Dict[Tuple[Any, ...], fx.GraphModule] = {}  # one compact graph per set of options
     programs: Dict[str, Any] = {}
     how: Dict[str, str] = {}
     bar = None
@@ -420,11 +425,10 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
         for fmt in fmts:
             exporter = _EXPORTERS[fmt]
             try:
-                key = (exporter.scatter, exporter.channel_multiple, exporter.max_pool, exporter.memory_format)
+                options = exporter.compact_options()
+                key = tuple(options.items())
                 if key not in graphs:
-                    graphs[key] = compact(chain, model, keep_scores=keep_scores, scatter=exporter.scatter,
-                                          channel_multiple=exporter.channel_multiple, max_pool=exporter.max_pool,
-                                          memory_format=exporter.memory_format)
+                    graphs[key] = compact(chain, model, keep_scores=keep_scores, **options)
                 programs[fmt], how[fmt] = exporter.prepare(graphs[key], example)
                 exporter.plain(programs[fmt])
                 data = exporter.serialize(programs[fmt], _dumps(meta))

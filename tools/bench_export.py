@@ -161,10 +161,9 @@ def main(argv=None) -> int:
         _EXPORTERS["onnx"] = dataclasses.replace(_EXPORTERS["onnx"], channel_multiple=args.onnx_channel_multiple)
     onnx_cm = _EXPORTERS["onnx"].channel_multiple
     torch.set_num_threads(args.threads)
-    rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         t0 = time.perf_counter()
-        first = len(rows)
+        rows = []  # this model's table, printed as soon as it is measured
         built = _build(name, args.size, args.steps, args.keep)
         if built is None:
             continue
@@ -196,7 +195,7 @@ def main(argv=None) -> int:
                     ratio = s_orig["flops"] / max(s_small["flops"], 1)
                     rows.append((name, runtime, batch, s_orig["params"], s_c["params"], s_orig["flops"],
                                  s_small["flops"], s_c["flops"], ratio, t_o, t_c, speed))
-        _print(rows[first:])  # each model's table as soon as it is measured
+        _print(rows)
     print("FLOPs: multiply-accumulates of conv and linear layers per image; FLOP x = original / compact (the "
           "chain's, unpadded); art. FLOPs: what the timed artifact computes; "
           "target = 0.6 x FLOP x; latency = median wall time of one forward pass; speed-up = median of the "
