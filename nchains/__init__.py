@@ -8,16 +8,17 @@ Example:
     >>> print(chain.describe())
 """
 
-from . import ops
-from .analysis import ModelGraph, analyze
-from .chain import Chain
-from .compact import compact
-from .config import NeuroChainsConfig
-from .extract import extract
-from .export import ExportError, export
-from .scoring import ScoredModel
+from nchains import ops
+from nchains.models import zoo
+from nchains.graph.analysis import ModelGraph, analyze
+from nchains.neurochains.chain import Chain
+from nchains.compact.walk import compact
+from nchains.neurochains.config import NeuroChainsConfig
+from nchains.neurochains.extraction import extract
+from nchains.export.exporter import ExportError, export
+from nchains.instrument.scored_model import ScoredModel
 
 __version__ = "0.1.0"
 
 __all__ = ["Chain", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "analyze", "compact", "export",
-           "extract", "ops", "__version__"]
+           "extract", "ops", "zoo", "__version__"]

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nchains import NeuroChainsConfig, ScoredModel, analyze, zoo
-from nchains.extract import scoring_loss
+from nchains import NeuroChainsConfig, ScoredModel, analyze
+from nchains.models import zoo
+from nchains.neurochains.extraction import scoring_loss
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 

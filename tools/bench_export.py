@@ -39,12 +39,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from nchains.chain import Chain  # noqa: E402
-from nchains.compact import compact  # noqa: E402
-from nchains.export import _EXPORTERS, export  # noqa: E402
-from nchains.extract import extract  # noqa: E402
-from nchains.inspect import model_stats  # noqa: E402
-from nchains._memory import keep_freed_memory  # noqa: E402
+from nchains.neurochains.chain import Chain  # noqa: E402
+from nchains.compact.walk import compact  # noqa: E402
+from nchains.export.exporter import _EXPORTERS, export  # noqa: E402
+from nchains.neurochains.extraction import extract  # noqa: E402
+from nchains.export.artifacts import model_stats  # noqa: E402
+from nchains._util.memory import keep_freed_memory  # noqa: E402
 
 
 def _paired_ms(orig, comp, x, reps: int):
@@ -82,7 +82,7 @@ def _quantile_chain(chain: Chain, keep: float) -> Chain:
 
 def _build(name: str, size: int, steps: int, keep: float):
     if name == "fashion":
-        from nchains import zoo
+        from nchains.models import zoo
 
         try:
             model = zoo.default_model()

@@ -52,8 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch.nn.functional as F  # noqa: E402
 
 import nchains  # noqa: E402
-from nchains import NeuroChainsConfig, ScoredModel, analyze, zoo  # noqa: E402
-from nchains.extract import _step, scoring_loss, scoring_optimizer  # noqa: E402
+from nchains import NeuroChainsConfig, ScoredModel, analyze
+from nchains.models import zoo  # noqa: E402
+from nchains.neurochains.extraction import _step, scoring_loss, scoring_optimizer  # noqa: E402
 from neurochains_baseline import BaselineConfig, HookedNeuroChains, neurochains_baseline  # noqa: E402
 
 SPEEDUP_TARGET = 1.5

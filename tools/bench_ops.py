@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from nchains import _reference as ref
+from nchains.ops import _reference as ref
 from nchains import ops
 
 # (name, C_in, C_out, kernel, stride, padding, H_in, gated) at 224x224 input resolution.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds nchains._C with its CUDA kernels (csrc/cuda/*.cu) out of tree, then checks that
 #   1. every op has a CUDA kernel registered, and
-#   2. the CPU kernels of that same library still agree with nchains/_reference.py.
+#   2. the CPU kernels of that same library still agree with nchains/ops/_reference.py.
 # No GPU is needed (or used): the CUDA kernels are compiled and registered, never run.
 # The in-tree CPU build (nchains/_C*.so) is left untouched.
 #
@@ -43,7 +43,7 @@ for f in nchains/_C*.so; do
   [ -e "$f" ] && cmp -s "$f" "$LIB" && fail "the in-tree $f is the CUDA build; it must not be overwritten"
 done
 
-"$PYTHON" - "$LIB" "$ROOT/nchains/_reference.py" <<'PY'
+"$PYTHON" - "$LIB" "$ROOT/nchains/ops/_reference.py" <<'PY'
 import importlib.util
 import sys
 

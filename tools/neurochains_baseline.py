@@ -374,7 +374,7 @@ def main(argv=None) -> None:
     parser.add_argument("--classes", nargs=2, default=["sneaker", "ankle-boot"])
     parser.add_argument("--per-class", type=int, default=10)
     args = parser.parse_args(argv)
-    from nchains import zoo  # only to load the shipped model and images
+    from nchains.models import zoo  # only to load the shipped model and images
 
     model = zoo.default_model()
     x, _, _ = zoo.default_images(args.classes, per_class=args.per_class)

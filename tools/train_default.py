@@ -1,6 +1,6 @@
-"""Trains the default model shipped in ``nchains/data`` (Fashion-MNIST ResNet).
+"""Trains the default model shipped in ``nchains/models/data`` (Fashion-MNIST ResNet).
 
-Writes, atomically, into ``--out-dir`` (default ``nchains/data``):
+Writes, atomically, into ``--out-dir`` (default ``nchains/models/data``):
 
 - ``fashion_resnet.safetensors``: float32 state_dict of ``zoo.fashion_resnet()``;
 - ``fashion_sample.npz``: 100 test images per class (``images`` uint8 [1000, 28, 28],
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 try:
-    from nchains import zoo
+    from nchains.models import zoo
 except ImportError:  # compiled extension not built yet: zoo.py needs none of it
     import importlib.util
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--root", default=None, help="Fashion-MNIST idx directory")
-    p.add_argument("--out-dir", type=Path, default=REPO / "nchains" / "data")
+    p.add_argument("--out-dir", type=Path, default=REPO / "nchains" / "models" / "data")
     p.add_argument("--per-class", type=int, default=100, help="sample images per class")
     args = p.parse_args(argv)
 

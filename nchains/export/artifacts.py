@@ -1,0 +1,280 @@
+"""Inspecting exported chains: what an artifact contains and whether it is the one exported.
+
+:func:`inspect_artifact` reads an export directory, its ``manifest.json``, one artifact
+(``chain.ts``, ``chain.onnx``, ``chain.pt2``) or a chain JSON, without running any model
+code: the metadata embedded in TorchScript and pt2 archives is read from the zip, ONNX
+metadata from ``metadata_props``. Every artifact is re-hashed against the manifest, and the
+metadata it embeds is compared with the manifest, so a tampered or swapped file is reported.
+
+Example:
+    >>> report = inspect_artifact("out/chain.onnx")
+    >>> print(format_report(report)); report["ok"]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from nchains._util.io import PathLike, hash_file
+
+__all__ = ["METADATA_KEY", "MANIFEST", "model_stats", "read_embedded", "inspect_artifact", "format_report"]
+
+#: Name of the metadata in TorchScript and pt2 extra files, and key in ONNX metadata_props.
+METADATA_KEY = "nchains.json"
+MANIFEST = "manifest.json"
+EXPORT_FORMAT = "nchains.export"
+FILES = {"torchscript": "chain.ts", "onnx": "chain.onnx", "pt2": "chain.pt2"}
+_SUFFIX = {".ts": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}
+
+
+def model_stats(model: nn.Module, input_shape) -> Dict[str, int]:
+    """Parameters and FLOPs of one forward pass on one sample.
+
+    FLOPs count multiply-accumulates of Conv2d and Linear layers (the convention of torchvision's
+    model tables and the pruning literature); elementwise ops, pooling and index ops are not
+    counted.
+
+    Args:
+        model (nn.Module): any model made of ``nn.Conv2d``/``nn.Linear`` modules (run eagerly).
+        input_shape (sequence of int): ``[C, H, W]`` of one sample.
+
+    Returns:
+        dict: ``params`` (number of parameter elements) and ``flops``.
+    """
+    flops = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            flops[0] += output[0].numel() * k
+        elif isinstance(module, nn.Linear):
+            flops[0] += output[0].numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, dtype=dtype))
+    finally:
+        for h in handles:
+            h.remove()
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(flops[0])}
+
+
+# ---- reading artifacts ----------------------------------------------------------------------
+
+
+def _kind(path: str) -> str:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix in _SUFFIX:
+        return _SUFFIX[suffix]
+    if suffix == ".json":
+        return "json"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise ValueError(f"path {path!r} cannot be read: {exc}") from None
+    if head.startswith(b"PK"):
+        with zipfile.ZipFile(path) as z:
+            return "pt2" if any(n.endswith("archive_format") for n in z.namelist()) else "torchscript"
+    return "onnx"
+
+
+def read_embedded(path: PathLike, fmt: Optional[str] = None) -> Dict[str, Any]:
+    """The nchains metadata embedded in an artifact, read without loading the model.
+
+    Raises:
+        ValueError: when the file is not a readable artifact or carries no nchains metadata.
+    """
+    path = os.fspath(path)
+    fmt = fmt or _kind(path)
+    try:
+        if fmt in ("torchscript", "pt2"):
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(f"/extra/{METADATA_KEY}")]
+                if not names:
+                    raise ValueError(f"{path!r} carries no nchains metadata (extra file {METADATA_KEY})")
+                text = z.read(names[0]).decode()
+        elif fmt == "onnx":
+            import onnx
+
+            proto = onnx.load(path, load_external_data=False)
+            props = {p.key: p.value for p in proto.metadata_props}
+            if METADATA_KEY not in props:
+                raise ValueError(f"{path!r} carries no nchains metadata (metadata_props[{METADATA_KEY!r}])")
+            text = props[METADATA_KEY]
+        else:
+            raise ValueError(f"{path!r} is not an artifact (expected .ts, .onnx or .pt2)")
+        return json.loads(text)
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt file of any kind is the same finding
+        raise ValueError(f"{path!r} is not a readable {fmt} artifact: {type(exc).__name__}: {exc}") from None
+
+
+def _load_json(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"path {path!r} is not a readable JSON file: {exc}") from None
+
+
+def _strip(meta: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "artifacts"}
+
+
+def _canonical(meta: Dict[str, Any]) -> str:
+    return json.dumps(_strip(meta), sort_keys=True)
+
+
+def _check_artifact(folder: str, fmt: str, entry: Dict[str, Any], manifest: Dict[str, Any]) -> Dict[str, Any]:
+    path = os.path.join(folder, entry.get("file", FILES.get(fmt, "")))
+    status = {"format": fmt, "file": path, "expected_sha256": entry.get("sha256")}
+    if not os.path.isfile(path):
+        return {**status, "status": "missing", "ok": False}
+    digest = hash_file(path)
+    status["sha256"] = digest
+    if digest != entry.get("sha256"):
+        return {**status, "status": "TAMPERED: SHA-256 differs from the manifest", "ok": False}
+    try:
+        embedded = read_embedded(path, fmt)
+    except ValueError as exc:
+        return {**status, "status": f"unreadable: {exc}", "ok": False}
+    if _canonical(embedded) != _canonical(manifest):
+        return {**status, "status": "TAMPERED: embedded metadata differs from the manifest", "ok": False}
+    return {**status, "status": "verified", "ok": True}
+
+
+def inspect_artifact(path: PathLike) -> Dict[str, Any]:
+    """Describe and verify an export directory, manifest, artifact or chain JSON.
+
+    Args:
+        path: an export directory, its ``manifest.json``, ``chain.ts``/``.onnx``/``.pt2``, or
+            a chain JSON written by :meth:`nchains.Chain.save`.
+
+    Returns:
+        dict with ``kind`` ("export", "artifact" or "chain"), ``metadata`` (the export
+        metadata, or the chain), ``checks`` (one entry per artifact: ``status`` and ``ok``)
+        and ``ok`` (False when any artifact is missing, unreadable or tampered).
+
+    Raises:
+        ValueError: when ``path`` does not exist or is none of the above.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, MANIFEST)
+    if not os.path.exists(path):
+        raise ValueError(f"path {path!r} does not exist")
+    kind = _kind(path)
+    if kind == "json":
+        data = _load_json(path)
+        if isinstance(data, dict) and data.get("format") == "nchains.chain":
+            return {"kind": "chain", "path": path, "metadata": data, "checks": [], "ok": True}
+        if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"path {path!r} is neither an nchains export manifest nor a chain JSON")
+        folder = os.path.dirname(os.path.abspath(path))
+        checks = [_check_artifact(folder, fmt, entry, data) for fmt, entry in data.get("artifacts", {}).items()]
+        return {"kind": "export", "path": path, "metadata": data, "checks": checks,
+                "ok": all(c["ok"] for c in checks)}
+    folder = os.path.dirname(os.path.abspath(path))
+    manifest_path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        try:
+            meta = read_embedded(path, kind)
+        except ValueError as exc:
+            return {"kind": "artifact", "path": path, "metadata": {}, "ok": False,
+                    "checks": [{"format": kind, "file": path, "status": f"unreadable: {exc}", "ok": False}]}
+        return {"kind": "artifact", "path": path, "metadata": meta, "ok": True,
+                "checks": [{"format": kind, "file": path, "ok": True,
+                            "status": f"unverified: no {MANIFEST} beside the file"}]}
+    manifest = _load_json(manifest_path)
+    entry = next((e for f, e in manifest.get("artifacts", {}).items()
+                  if os.path.basename(e.get("file", "")) == os.path.basename(path)), None)
+    if entry is None:
+        check = {"format": kind, "file": path, "ok": False, "status": f"not listed in {manifest_path}"}
+    else:
+        check = _check_artifact(folder, kind, entry, manifest)
+    try:
+        meta = read_embedded(path, kind)
+    except ValueError:
+        meta = _strip(manifest)
+    return {"kind": "artifact", "path": path, "metadata": meta, "checks": [check], "ok": check["ok"]}
+
+
+# ---- text -----------------------------------------------------------------------------------
+
+
+def _fmt_count(n: Optional[float]) -> str:
+    if n is None:
+        return "?"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def _layer_rows(meta: Dict[str, Any]) -> List[Tuple[str, ...]]:
+    rows = [("layer", "module", "kept", "computed", "region")]
+    for name, info in meta.get("layers", {}).items():
+        region = "-" if info.get("region") is None else ("kept" if info.get("region_kept") else "removed")
+        rows.append((info.get("label", name), name, f"{len(info.get('kept', []))}/{info.get('total', '?')}",
+                     str(len(info.get("computed", []))), region))
+    return rows
+
+
+def _table(rows: List[Tuple[str, ...]]) -> List[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return lines
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    """Human-readable text of :func:`inspect_artifact`'s result."""
+    meta = report["metadata"]
+    lines = [f"{report['path']}: {report['kind']}"]
+    if report["kind"] == "chain":
+        kept = meta.get("kept", {})
+        sizes = meta.get("layer_sizes", {})
+        lines.append(f"chain of model {str(meta.get('model_hash', ''))[:12]}…: "
+                     f"{sum(len(v) for v in kept.values())}/{sum(sizes.values())} filters, "
+                     f"{sum(1 for v in kept.values() if v)}/{len(kept)} layers")
+        if meta.get("class_names"):
+            lines.append("class names: " + ", ".join(map(str, meta["class_names"])))
+        lines.append("verification: not an exported artifact (export it with `nchains export`)")
+        return "\n".join(lines)
+    if meta:
+        c = meta.get("compact", {})
+        lines += _table(_layer_rows(meta))
+        layers = meta.get("layers", {})
+        lines.append("")
+        lines.append(f"filters kept {sum(len(v.get('kept', [])) for v in layers.values())}/"
+                     f"{sum(v.get('total', 0) for v in layers.values())}, computed "
+                     f"{sum(len(v.get('computed', [])) for v in layers.values())}; layers kept "
+                     f"{sum(1 for v in layers.values() if v.get('kept'))}/{len(layers)}")
+        lines.append(f"parameters {_fmt_count(c.get('params'))} (original {_fmt_count(c.get('original_params'))}, "
+                     f"ratio {c.get('params_ratio', float('nan')):.4f})")
+        lines.append(f"FLOPs {_fmt_count(c.get('flops'))} (original {_fmt_count(c.get('original_flops'))}, "
+                     f"ratio {c.get('flops_ratio', float('nan')):.4f}, speed-up bound "
+                     f"{1 / c['flops_ratio'] if c.get('flops_ratio') else float('inf'):.1f}x)")
+        inp = meta.get("input", {})
+        lines.append(f"input [N, {', '.join(map(str, inp.get('shape', [])))}] {inp.get('dtype', '')}, "
+                     f"preprocessing: {json.dumps(inp.get('preprocessing'))}")
+        names = meta.get("class_names")
+        lines.append("class names: " + (", ".join(map(str, names)) if names else "(none)"))
+        for fmt, v in meta.get("verification", {}).get("formats", {}).items():
+            lines.append(f"export check {fmt}: max |diff| {v['max_abs_diff']:.3g} "
+                         f"(relative {v['relative']:.3g}), argmax agreement {v['argmax_agree']}/{v['rows']}")
+    for check in report["checks"]:
+        lines.append(f"{check['format']}: {check['status']}  ({check['file']})")
+    lines.append("status: " + ("OK" if report["ok"] else "FAILED (tampered, missing or unreadable artifact)"))
+    return "\n".join(lines)

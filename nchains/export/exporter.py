@@ -1,0 +1,480 @@
+"""Exporting a chain as a verified, standalone model: TorchScript, ONNX and torch.export.
+
+:func:`export` builds the compact model (:func:`nchains.compact.compact`), exports it to each
+requested format, re-loads every artifact from its serialized bytes and compares it with the
+masked model ``chain.apply(model)`` on the chain's images and on random inputs, at several
+batch sizes. Only when every format passes is anything written: ``chain.ts``, ``chain.onnx``,
+``chain.pt2`` and ``manifest.json`` (each atomically). The same metadata (chain summary, kept
+filters, class names, input and preprocessing, weights hash, verification figures) is embedded
+in every artifact: TorchScript and pt2 extra file ``nchains.json``, ONNX ``metadata_props``.
+The artifacts hold plain ATen/ONNX ops only and load without nchains installed.
+
+Example:
+    >>> manifest = export(chain, model, "out/", images=images)
+    >>> import onnxruntime; onnxruntime.InferenceSession("out/chain.onnx")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import fx, nn
+
+from nchains._util.io import PathLike, hash_tensor, write_atomic
+from nchains.neurochains.chain import Chain
+from nchains.compact.walk import compact
+from nchains.export.artifacts import EXPORT_FORMAT, FILES, MANIFEST, METADATA_KEY, model_stats
+
+__all__ = ["export", "ExportError", "FORMATS", "RTOL"]
+
+#: Accepted format names (and aliases) -> canonical name.
+FORMATS = {"torchscript": "torchscript", "ts": "torchscript", "onnx": "onnx", "pt2": "pt2",
+           "export": "pt2", "torch.export": "pt2"}
+#: An artifact passes when max |logit difference| <= RTOL * max |reference logit| on every input set.
+RTOL = 1e-4
+VERSION = 1
+_INPUT, _OUTPUT = "input", "logits"
+
+
+class ExportError(ValueError):
+    """An artifact could not be exported or failed verification; nothing was written."""
+
+
+@dataclass
+class _Exporter:
+    prepare: Callable[[fx.GraphModule, torch.Tensor], Tuple[Any, str]]  # -> (program, how)
+    serialize: Callable[[Any, str], bytes]  # (program, metadata JSON) -> file bytes
+    load: Callable[[bytes], Callable[[torch.Tensor], torch.Tensor]]
+    plain: Callable[[Any], None]  # ExportError when the program needs nchains
+    scatter: str = "index_add"  # compact(scatter=...): the faster exact encoding for the runtime
+    channel_multiple: int = 1  # compact(channel_multiple=...): channel blocks of the runtime's fast convs
+    max_pool: str = "separable"  # compact(max_pool=...): the faster exact form of max pooling there
+    memory_format: str = "contiguous"  # compact(memory_format=...): the layout the runtime's convs want
+
+    def compact_options(self) -> Dict[str, Any]:
+        """The keyword arguments of :func:`nchains.compact.compact` for this runtime."""
+        return {"scatter": self.scatter, "channel_multiple": self.channel_multiple, "max_pool": self.max_pool,
+                "memory_format": self.memory_format}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Exporters print progress and emit deprecation warnings that say nothing to our users."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _no_nchains(fmt: str, names) -> None:
+    bad = sorted({n for n in names if "nchains" in n})
+    if bad:
+        raise ExportError(f"{fmt} artifact references nchains ops {bad[:3]}; it would not load without nchains")
+
+
+# ---- TorchScript -----------------------------------------------------------------------------
+
+def _ts_prepare(gm: fx.GraphModule, example: torch.Tensor):
+    with _quiet():
+        try:
+            return torch.jit.script(gm), "torch.jit.script"
+        except Exception:  # noqa: BLE001 - scripting is stricter than tracing; tracing is exact here
+            return torch.jit.trace(gm, example, check_trace=False), "torch.jit.trace"
+
+
+def _ts_serialize(module, meta: str) -> bytes:
+    buf = io.BytesIO()
+    with _quiet():
+        torch.jit.save(module, buf, _extra_files={METADATA_KEY: meta})
+    return buf.getvalue()
+
+
+def _ts_load(data: bytes):
+    with _quiet():
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    return module
+
+
+def _ts_plain(module) -> None:
+    graph = module.inlined_graph
+    _no_nchains("torchscript", [n.kind() for n in graph.nodes()])
+
+
+# ---- ONNX ------------------------------------------------------------------------------------
+
+def _onnx_prepare(gm: fx.GraphModule, example: torch.Tensor):
+    import onnx
+
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet():
+        try:
+            program = torch.onnx.export(gm, (example,), dynamo=True, input_names=[_INPUT], output_names=[_OUTPUT],
+                                        dynamic_shapes=({0: batch},), verbose=False)
+            proto, how = program.model_proto, "torch.onnx.export(dynamo=True)"
+        except Exception as first:  # noqa: BLE001 - the TorchScript-based exporter is the fallback
+            buf = io.BytesIO()
+            try:
+                torch.onnx.export(gm, (example,), buf, dynamo=False, input_names=[_INPUT], output_names=[_OUTPUT],
+                                  dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}}, opset_version=17)
+            except Exception as second:  # noqa: BLE001
+                raise ExportError(f"onnx export failed: dynamo exporter: {type(first).__name__}: "
+                                  f"{str(first).strip().splitlines()[0] if str(first).strip() else ''}; legacy "
+                                  f"exporter: {type(second).__name__}: {second}") from second
+            proto, how = onnx.load_from_string(buf.getvalue()), "torch.onnx.export(dynamo=False)"
+    for value, role in ((proto.graph.input[0], "input"), (proto.graph.output[0], "output")):
+        dim = value.type.tensor_type.shape.dim[0]
+        if not dim.dim_param:
+            raise ExportError(f"onnx export has a fixed batch size {dim.dim_value} on its {role}; expected dynamic")
+    return proto, how
+
+
+def _onnx_serialize(proto, meta: str) -> bytes:
+    import onnx
+
+    del proto.metadata_props[:]
+    onnx.helper.set_model_props(proto, {METADATA_KEY: meta})
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnx model fails onnx.checker (full_check=True): {exc}") from exc
+    return proto.SerializeToString()
+
+
+def _onnx_load(data: bytes):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.detach().cpu().contiguous().numpy()})[0])
+    return run
+
+
+def _onnx_plain(proto) -> None:
+    nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
+    _no_nchains("onnx", [f"{n.domain}::{n.op_type}" for n in nodes])
+
+
+# ---- torch.export (pt2) ----------------------------------------------------------------------
+
+def _pt2_prepare(gm: fx.GraphModule, example: torch.Tensor):
+    batch = torch.export.Dim("batch", min=1)
+    with _quiet():
+        program = torch.export.export(gm, (example,), dynamic_shapes=({0: batch},))
+    return program, "torch.export.export"
+
+
+def _pt2_serialize(program, meta: str) -> bytes:
+    buf = io.BytesIO()
+    with _quiet():
+        torch.export.save(program, buf, extra_files={METADATA_KEY: meta})
+    return buf.getvalue()
+
+
+def _pt2_load(data: bytes):
+    with _quiet():
+        module = torch.export.load(io.BytesIO(data)).module()
+    return module
+
+
+def _pt2_plain(program) -> None:
+    _no_nchains("pt2", [str(n.target) for n in program.graph.nodes if n.op == "call_function"])
+
+
+_EXPORTERS: Dict[str, _Exporter] = {
+    # CPU PyTorch (TorchScript, pt2): oneDNN's convs work natively on channels-last tensors
+    "torchscript": _Exporter(_ts_prepare, _ts_serialize, _ts_load, _ts_plain, channel_multiple=8,
+                             memory_format="auto"),
+    # onnxruntime's CPU NCHWc convs (blocks of 8 with AVX2; 16 with AVX-512 still gains from 8)
+    # need input and output channels in whole blocks; odd counts fall back to the plain NCHW
+    # conv at a fraction of the throughput, with layout Reorders around it.
+    "onnx": _Exporter(_onnx_prepare, _onnx_serialize, _onnx_load, _onnx_plain, scatter="gather",
+                      channel_multiple=8, max_pool="native"),
+    "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain, channel_multiple=8,
+                     memory_format="auto"),
+}
+
+
+# ---- verification ----------------------------------------------------------------------------
+
+def _compare(fmt: str, run: Callable, inputs: Dict[str, torch.Tensor], refs: Dict[str, torch.Tensor]
+             ) -> Dict[str, Any]:
+    """Figures of ``run`` against the reference logits on every input set; ``passed`` per the rule
+    max |diff| <= RTOL * max |logit| and the same argmax (rows whose two best reference logits
+    are closer than that tolerance are ties: either answer is right)."""
+    worst = {"max_abs_diff": 0.0, "max_abs_logit": 0.0, "relative": 0.0, "argmax_agree": 0, "rows": 0,
+             "ties": 0, "batch_sizes": [], "passed": True, "failure": None}
+    for name, x in inputs.items():
+        ref = refs[name]
+        with torch.no_grad():
+            out = run(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(ref.shape):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            worst.update(passed=False, failure=f"output shape {shape} on {name} != {tuple(ref.shape)}")
+            return worst
+        out, ref = out.double(), ref.double()
+        scale = float(ref.abs().max())
+        diff = float((out - ref).abs().max())
+        rel = diff / scale if scale > 0 else diff
+        top2 = ref.topk(min(2, ref.shape[1]), dim=1).values
+        tie = (top2[:, 0] - top2[:, -1] <= RTOL * scale) if ref.shape[1] > 1 else torch.zeros(len(ref), dtype=torch.bool)
+        agree = (out.argmax(1) == ref.argmax(1)) | tie
+        worst["max_abs_diff"] = max(worst["max_abs_diff"], diff)
+        worst["max_abs_logit"] = max(worst["max_abs_logit"], scale)
+        worst["relative"] = max(worst["relative"], rel)
+        worst["argmax_agree"] += int(agree.sum())
+        worst["rows"] += len(ref)
+        worst["ties"] += int(tie.sum())
+        worst["batch_sizes"].append(len(x))
+        if worst["passed"] and not (rel <= RTOL and bool(agree.all())):
+            why = (f"max |diff| {diff:.3g} > {RTOL:g} x max |logit| {scale:.3g}" if rel > RTOL
+                   else f"argmax differs on {int((~agree).sum())} of {len(ref)} inputs")
+            worst.update(passed=False, failure=f"{why} on the {name} inputs")
+    return worst
+
+
+def _inputs(chain: Chain, images: Optional[torch.Tensor], n_random: int, dtype: torch.dtype,
+            images_note: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    gen = torch.Generator().manual_seed(0)
+    shape = tuple(chain.input_shape)
+    sets: Dict[str, torch.Tensor] = {}
+    info: Dict[str, Any] = {} if images_note is None else {"images_note": images_note}
+    if images is not None:
+        sets["images"] = images.detach().to(dtype)
+        h = hash_tensor(images)
+        info["images"] = {"count": len(images), "sha256": h, "chain_images": h == chain.images_hash}
+    sets["random"] = torch.randn(n_random, *shape, generator=gen, dtype=dtype)
+    sets["random_batch1"] = sets["random"][:1].clone()
+    info["random"] = {"count": n_random, "distribution": "standard normal", "seed": 0}
+    return sets, info
+
+
+def _check_images(images, chain: Chain) -> Optional[torch.Tensor]:
+    if images is None:
+        return None
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a Tensor[N, C, H, W] or None, got {type(images).__name__}")
+    if images.dim() != 4 or list(images.shape[1:]) != list(chain.input_shape) or len(images) < 1:
+        raise ValueError(f"images must have shape [N, {', '.join(map(str, chain.input_shape))}] (the chain's "
+                         f"input shape), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor (preprocessed), got {images.dtype}")
+    return images
+
+
+def _formats(formats) -> Tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = [f for f in formats.split(",") if f.strip()]
+    if not isinstance(formats, (list, tuple)) or not formats:
+        raise ValueError(f"formats must name at least one of torchscript (ts), onnx, pt2, got {formats!r}")
+    out = []
+    for f in formats:
+        key = FORMATS.get(str(f).strip().lower()) if isinstance(f, str) else None
+        if key is None:
+            raise ValueError(f"formats: unknown format {f!r}; accepted: torchscript (ts), onnx, pt2")
+        if key not in out:
+            out.append(key)
+    return tuple(out)
+
+
+def _default_preprocessing(chain: Chain) -> Optional[Dict[str, Any]]:
+    spec = chain.model_spec or {}
+    if spec.get("kind") == "default":
+        from nchains.models import zoo
+
+        return {"kind": "fashion-mnist", "input": "grayscale 28x28, uint8 pixels p",
+                "formula": "x = (p / 255 - mean) / std", "mean": [zoo.FASHION_MEAN], "std": [zoo.FASHION_STD]}
+    return None
+
+
+# ---- metadata --------------------------------------------------------------------------------
+
+def _metadata(chain: Chain, gm: fx.GraphModule, stats: Dict[str, Any], class_names, preprocessing,
+              keep_scores: bool, n_out: int, dtype: torch.dtype) -> Dict[str, Any]:
+    from nchains import __version__
+
+    region_of = {layer: r for r, info in chain.regions.items() for layer in info.get("layers", [])}
+    layers = {}
+    for name, size in chain.layer_sizes.items():
+        region = region_of.get(name)
+        layers[name] = {
+            "label": chain.label(name), "total": size, "kept": list(chain.kept.get(name, [])),
+            "scores": list(chain.scores.get(name, [])),
+            "computed": list(gm.nchains_layers.get(name, {}).get("out", [])),
+            "region": region, "region_kept": None if region is None else bool(chain.gates.get(region, 1)),
+        }
+    return {
+        "format": EXPORT_FORMAT, "version": VERSION, "nchains_version": __version__,
+        "torch_version": torch.__version__,
+        "chain": {"metrics": chain.metrics, "config": chain.config, "seed": chain.seed, "family": chain.family,
+                  "classes": chain.classes, "images_hash": chain.images_hash,
+                  "images_source": chain.images_source, "gates": chain.gates,
+                  "paths": chain.paths},
+        "model_hash": chain.model_hash, "model_spec": chain.model_spec,
+        "class_names": list(class_names) if class_names is not None else None,
+        "input": {"name": _INPUT, "shape": list(chain.input_shape), "batch": "dynamic",
+                  "dtype": str(dtype).replace("torch.", ""), "preprocessing": preprocessing},
+        "output": {"name": _OUTPUT, "shape": ["batch", n_out], "meaning": "logits (no softmax)"},
+        "layers": layers,
+        "compact": {"keep_scores": keep_scores, **stats},
+    }
+
+
+def _dumps(meta: Dict[str, Any]) -> str:
+    return json.dumps(meta, indent=1, sort_keys=False, allow_nan=True)
+
+
+# ---- entry point -----------------------------------------------------------------------------
+
+def export(chain: Chain, model: nn.Module, out_dir: PathLike,
+           formats: Union[str, Sequence[str]] = ("torchscript", "onnx", "pt2"), *,
+           images: Optional[torch.Tensor] = None, keep_scores: bool = False,
+           class_names: Optional[Sequence[str]] = None, preprocessing: Optional[Dict[str, Any]] = None,
+           n_random: int = 8, progress: bool = False, images_note: Optional[str] = None) -> Dict[str, Any]:
+    """Export the chain's compact model, verified, with metadata.
+
+    Args:
+        chain (Chain): the chain to export.
+        model (nn.Module): the chain's original model (weights must match ``chain.model_hash``).
+        out_dir (path): folder for ``chain.ts``, ``chain.onnx``, ``chain.pt2`` and ``manifest.json``
+            (created if missing; existing files of the same names are replaced).
+        formats (str or sequence of str): any of ``torchscript`` (``ts``), ``onnx``, ``pt2``, as a
+            sequence or a comma-separated string.
+        images (Tensor[N, *chain.input_shape]): the chain's images, for verification (recorded
+            as such when their hash matches ``chain.images_hash``); random inputs are always used.
+        keep_scores (bool): see :func:`nchains.compact.compact`.
+        class_names (sequence of str): names of the logits (default ``chain.class_names``).
+        preprocessing (dict): how raw inputs become the model's input, recorded in the metadata
+            (default: known for the shipped model, else None).
+        n_random (int): random standard-normal inputs used for verification (>= 2).
+        progress (bool): show a progress bar over the formats.
+        images_note (str): where ``images`` come from, or why there are none (e.g. the chain's
+            images could not be rebuilt), recorded as ``verification.inputs.images_note``.
+
+    Returns:
+        dict: the manifest written to ``out_dir/manifest.json`` (``artifacts`` gives each file,
+        its SHA-256 and size; ``verification`` the figures per format).
+
+    Raises:
+        TypeError, ValueError: on bad arguments.
+        ExportError (a ValueError): when a format cannot be exported or fails verification
+            (max |diff| <= 1e-4 x max |logit| and the same argmax); nothing is written then.
+    """
+    if not isinstance(chain, Chain):
+        raise TypeError(f"chain must be an nchains.Chain, got {type(chain).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} exists and is not a directory")
+    fmts = _formats(formats)
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
+        raise ValueError(f"n_random must be an int >= 2, got {n_random!r}")
+    if images_note is not None and not isinstance(images_note, str):
+        raise TypeError(f"images_note must be a str or None, got {type(images_note).__name__}")
+    if preprocessing is not None and not isinstance(preprocessing, (dict, str)):
+        raise TypeError(f"preprocessing must be a dict, a str or None, got {type(preprocessing).__name__}")
+    images = _check_images(images, chain)
+    chain.check_model(model)
+    model.eval()
+    dtype = next(model.parameters()).dtype
+
+    masked = chain.apply(model)
+    gm = compact(chain, model, keep_scores=keep_scores)
+    inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
+    with torch.no_grad():
+        refs = {name: masked(x) for name, x in inputs.items()}
+    n_out = refs["random"].shape[1]
+    names = list(class_names) if class_names is not None else chain.class_names
+    if names is not None and len(names) != n_out:
+        raise ValueError(f"class_names must have {n_out} entries (one per logit), got {len(names)}")
+    checks = {"compact": _compare("compact", gm, inputs, refs)}
+    if not checks["compact"]["passed"]:
+        raise ExportError(f"the compact model does not match the masked model: {checks['compact']['failure']}; "
+                          "nothing was written (please report this as a bug)")
+
+    original, small = model_stats(model, chain.input_shape), model_stats(gm, chain.input_shape)
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    stats = {"params": small["params"], "flops": small["flops"], "original_params": original["params"],
+             "original_flops": original["flops"], "params_ratio": small["params"] / max(original["params"], 1),
+             "flops_ratio": small["flops"] / max(original["flops"], 1), "convs_run": len(convs),
+             "convs_total": len(chain.layer_sizes)}
+    meta = _metadata(chain, gm, stats, names, preprocessing if preprocessing is not None
+                     else _default_preprocessing(chain), keep_scores, n_out, dtype)
+    example = inputs["random"][:2]
+
+    graphs: Dict[Tuple[Any, ...], fx.GraphModule] = {}  # one compact graph per set of options
+    programs: Dict[str, Any] = {}
+    how: Dict[str, str] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=2 * len(fmts), desc="export", leave=False, dynamic_ncols=True)
+    try:
+        for fmt in fmts:
+            exporter = _EXPORTERS[fmt]
+            try:
+                options = exporter.compact_options()
+                key = tuple(options.items())
+                if key not in graphs:
+                    graphs[key] = compact(chain, model, keep_scores=keep_scores, **options)
+                programs[fmt], how[fmt] = exporter.prepare(graphs[key], example)
+                exporter.plain(programs[fmt])
+                data = exporter.serialize(programs[fmt], _dumps(meta))
+                run = exporter.load(data)
+            except ExportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any exporter failure names the format
+                text = str(exc).strip().splitlines()
+                raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {text[0] if text else ''}; "
+                                  "nothing was written") from exc
+            checks[fmt] = _compare(fmt, run, inputs, refs)
+            checks[fmt]["exporter"] = how[fmt]
+            checks[fmt]["channel_multiple"] = exporter.channel_multiple
+            checks[fmt]["max_pool"] = exporter.max_pool
+            checks[fmt]["memory_format"] = graphs[key].nchains_memory_format
+            checks[fmt].update(model_stats(graphs[key], chain.input_shape))  # params, flops: padding counts
+            if not checks[fmt]["passed"]:
+                raise ExportError(f"{fmt} export failed verification against the masked model: "
+                                  f"{checks[fmt]['failure']}; nothing was written")
+            if bar is not None:
+                bar.update(1)
+
+        meta["verification"] = {"rule": f"max |diff| <= {RTOL:g} x max |logit| and the same argmax, "
+                                        "against chain.apply(model)", "inputs": input_info, "formats": checks}
+        final = _dumps(meta)
+        blobs: Dict[str, bytes] = {}
+        for fmt in fmts:
+            exporter = _EXPORTERS[fmt]
+            blobs[fmt] = exporter.serialize(programs[fmt], final)
+            again = _compare(fmt, exporter.load(blobs[fmt]), inputs, refs)
+            if not again["passed"]:
+                raise ExportError(f"{fmt} artifact changed when re-saved with its metadata: {again['failure']}; "
+                                  "nothing was written")
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    import hashlib
+
+    manifest = dict(meta)
+    manifest["artifacts"] = {fmt: {"file": FILES[fmt], "sha256": hashlib.sha256(blob).hexdigest(),
+                                   "bytes": len(blob)} for fmt, blob in blobs.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    for fmt, blob in blobs.items():
+        write_atomic(os.path.join(out_dir, FILES[fmt]), blob)
+    write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    return manifest

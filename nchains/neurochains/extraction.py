@@ -1,0 +1,303 @@
+"""NeuroChains extraction (NeuroChains, sections 3-4.1).
+
+Learns a score per filter and a sigmoid gate per gateable region on frozen weights, minimising
+``KL(softmax(F(x)) || softmax(F_S(x))) + lam * sum|S| + lam_gate * sum(alpha)`` over the images
+with Adam; thresholds scores (``|S| < tau`` removed) and gates (``G < 0.5`` removes the region);
+fine-tunes the surviving scores on the KL alone when it exceeds ``finetune_kl``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nchains import ops
+from nchains._util.io import hash_model, hash_tensor
+from nchains._util.memory import keep_freed_memory
+from nchains.graph.analysis import ModelGraph, analyze
+from nchains.neurochains.chain import Chain
+from nchains.neurochains.config import NeuroChainsConfig
+from nchains.instrument.scored_model import ScoredModel
+
+
+def model_family(graph: ModelGraph) -> str:
+    """``"resnet"`` for models with residual blocks, ``"vgg"`` for plain chains, else ``"other"``."""
+    if any(r.kind == "block" for r in graph.regions.values()):
+        return "resnet"
+    if not graph.adds and not graph.concats:
+        return "vgg"
+    return "other"
+
+
+def _check_images(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a Tensor[N, C, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must have shape [N, C, H, W] with N >= 1, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"images must be a floating-point tensor (preprocessed), got {images.dtype}")
+    return images
+
+
+def _kl(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over images of KL(softmax(original) || softmax(logits))."""
+    return F.kl_div(F.log_softmax(logits, dim=1), target_logp, log_target=True, reduction="batchmean")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _adam(params: List[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """Adam for the flat score/gate tensors: the fused kernel where the device has one."""
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _step(opt: torch.optim.Optimizer, loss_fn, grad_mask: Optional[torch.Tensor] = None) -> Tuple[float, float]:
+    """One iteration: zero grads, loss, backward, (mask the gradient of the first parameter),
+    Adam step; returns (loss, kl) as floats."""
+    opt.zero_grad(set_to_none=True)
+    loss, kl = loss_fn()
+    loss.backward()
+    if grad_mask is not None:
+        param = opt.param_groups[0]["params"][0]
+        if param.grad is not None:
+            param.grad.mul_(grad_mask)
+    opt.step()
+    return float(loss.detach()), float(kl)
+
+
+def scoring_loss(sm: ScoredModel, images: torch.Tensor, target_logp: torch.Tensor, lam: float, lam_gate: float):
+    """The scoring phase's objective (Eq. 8): ``KL + lam * sum|S| + lam_gate * sum(alpha)``;
+    returns ``(loss, kl.detach())``."""
+    kl = _kl(sm(images), target_logp)
+    loss = kl + lam * sm.flat_scores.abs().sum()
+    if sm.flat_gate_logits.numel():
+        loss = loss + lam_gate * sm.flat_gate_logits.sum()
+    return loss, kl.detach()
+
+
+def scoring_optimizer(sm: ScoredModel, lr: float) -> torch.optim.Adam:
+    """The scoring phase's Adam over the flat scores and gate logits."""
+    params = [sm.flat_scores] + ([sm.flat_gate_logits] if sm.flat_gate_logits.numel() else [])
+    return _adam(params, lr)
+
+
+def _run_phase(opt: torch.optim.Optimizer, loss_fn, steps: int, stop_delta: Optional[float], stop_window: int,
+               desc: str, progress: bool, grad_mask: Optional[torch.Tensor] = None) -> List[float]:
+    """Up to ``steps`` iterations of ``opt`` on ``loss_fn``, stopping once the loss changed by
+    less than ``stop_delta`` over ``stop_window`` steps; returns the loss history."""
+    history: List[float] = []
+    bar = _progress(steps, desc, progress)
+    try:
+        for _ in range(steps):
+            value, kl = _step(opt, loss_fn, grad_mask)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{value:.4f}", kl=f"{kl:.4f}")
+            history.append(value)
+            if (stop_delta is not None and len(history) > stop_window
+                    and abs(history[-1 - stop_window] - value) < stop_delta):
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return history
+
+
+def _threshold(sm: ScoredModel, graph: ModelGraph, tau: float) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
+    gates = {name: int(float(sm.gate(name).detach()) >= 0.5) for name, _ in sm.named_gate_logits()}
+    kept_scores = {}
+    for name, score in sm.named_scores():
+        s = score.detach().clone()
+        region = graph.layers[name].region if name in graph.layers else None
+        if region is not None and gates.get(region, 1) == 0:
+            s.zero_()
+        else:
+            s[s.abs() < tau] = 0
+        kept_scores[name] = s
+    return kept_scores, gates
+
+
+def _finetune(sm: ScoredModel, images, target_logp, cfg: NeuroChainsConfig, progress: bool) -> List[float]:
+    """Adam on the surviving (non-zero) hard scores, KL only; removed filters stay at 0."""
+    flat = sm.net.hard_flat_scores
+    mask = (flat != 0).to(flat.dtype)
+    flat.requires_grad_(True)
+
+    def loss_fn():
+        kl = _kl(sm(images), target_logp)
+        return kl, kl.detach()
+
+    try:
+        return _run_phase(_adam([flat], cfg.finetune_lr), loss_fn, cfg.finetune_steps, cfg.stop_delta,
+                          cfg.stop_window, "fine-tune", progress, mask)
+    finally:
+        flat.requires_grad_(False)
+
+
+def _metrics(sm: ScoredModel, images, target_logits, graph: ModelGraph, score_linear: bool) -> Dict[str, float]:
+    with torch.no_grad():
+        out = sm(images)
+        target_logp = F.log_softmax(target_logits, dim=1)
+        kl = float(_kl(out, target_logp))
+        pred = target_logits.argmax(1)
+        agreement = float((out.argmax(1) == pred).float().mean())
+        p_orig = target_logp.exp().gather(1, pred[:, None])
+        p_chain = F.softmax(out, dim=1).gather(1, pred[:, None])
+        prob_drop = float((p_orig - p_chain).mean())
+    return {"kl": kl, "agreement": agreement, "prob_drop": prob_drop}
+
+
+def strongest_paths(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Sequence[int]],
+                    classes: torch.Tensor) -> Dict[int, List[Tuple[str, int, float]]]:
+    """Per class, the kept filter of every kept layer with the largest Taylor contribution
+    ``sum |a * d y_c / d a|`` over the images of that class (batched, one backward per class).
+
+    Args:
+        sm (ScoredModel): the chain in hard mode.
+        images (Tensor[N, C, H, W]): the chain's images.
+        kept (dict layer -> filter indices): the chain's kept filters.
+        classes (Tensor[N]): class of each image (the original model's prediction).
+
+    Returns:
+        dict class -> [(layer, filter index, contribution)] in graph order.
+    """
+    layers = [name for name, idx in kept.items() if len(idx)]
+    outputs: Dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in layers:
+        hooks.append(sm.unit(name).register_forward_hook(
+            lambda mod, inp, out, name=name: outputs.__setitem__(name, out)))
+    try:
+        with torch.enable_grad():
+            x = images.detach().requires_grad_(True)  # so the graph reaches every unit output
+            logits = sm(x)
+            present = [n for n in layers if n in outputs]
+            result = {}
+            uniq = sorted(set(classes.tolist()))
+            for k, c in enumerate(uniq):
+                sel = classes == c
+                y = logits[sel, c].sum()
+                grads = torch.autograd.grad(y, [outputs[n] for n in present], retain_graph=k < len(uniq) - 1,
+                                            allow_unused=True)
+                path = []
+                for name, grad in zip(present, grads):
+                    if grad is None:
+                        continue
+                    a = outputs[name].detach()
+                    contrib = ops.taylor_contributions(a, grad, absolute=True)[sel].sum(0)
+                    idx = torch.as_tensor(list(kept[name]), dtype=torch.long)
+                    best = int(torch.argmax(contrib[idx]))
+                    path.append((name, int(idx[best]), float(contrib[idx[best]])))
+                result[int(c)] = path
+    finally:
+        for h in hooks:
+            h.remove()
+    return result
+
+
+def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChainsConfig] = None, *,
+            class_names: Optional[Sequence[str]] = None, progress: bool = False,
+            model_spec: Optional[dict] = None, **overrides) -> Chain:
+    """Extract the local inference chain of ``model`` on ``images`` (NeuroChains).
+
+    Args:
+        model (nn.Module): a trained CNN (traceable by torch.fx); put in eval mode, never modified.
+        images (Tensor[N, C, H, W]): preprocessed images from one local region of data space.
+        config (NeuroChainsConfig): hyper-parameters; defaults are the paper's.
+        class_names (sequence of str): names of the model's output classes, for reports.
+        progress (bool): show a progress bar with the loss.
+        model_spec (dict): how to rebuild the model later (stored in the chain, used by the CLI).
+        **overrides: NeuroChainsConfig fields, e.g. ``lam=0.01, steps=100, seed=1``.
+
+    Returns:
+        Chain: kept filters and scores per layer, binarised gates per region, metrics measured
+        on the final binarised, fine-tuned chain.
+
+    Notes:
+        While the scoring and fine-tune loops run, glibc keeps freed memory for reuse instead
+        of unmapping and page-faulting it in again every step (:mod:`nchains._memory`; set
+        ``NCHAINS_KEEP_MEMORY=0`` to turn it off); the heap is trimmed afterwards.
+
+    Example:
+        >>> chain = nchains.extract(model, images, steps=300, seed=0)
+        >>> print(chain.summary())
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    images = _check_images(images)
+    if config is not None and not isinstance(config, NeuroChainsConfig):
+        raise TypeError(f"config must be a NeuroChainsConfig or None, got {type(config).__name__}")
+    cfg = (config or NeuroChainsConfig()).replace(**overrides)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model.eval()
+    graph = analyze(model, images[:1])
+    family = model_family(graph)
+    cfg = cfg.resolved(family)
+    with torch.no_grad():
+        target_logits = model(images)
+    target_logp = F.log_softmax(target_logits, dim=1)
+    if class_names is not None and len(class_names) != target_logits.shape[1]:
+        raise ValueError(f"class_names must have {target_logits.shape[1]} entries (one per output), "
+                         f"got {len(class_names)}")
+
+    sm = ScoredModel(graph, score_linear=cfg.score_linear, temperature=cfg.temperature)
+    sm.train()
+
+    def loss_fn():
+        return scoring_loss(sm, images, target_logp, cfg.lam, cfg.lam_gate)
+
+    with keep_freed_memory():  # the loops free and reallocate the same large tensors every step
+        history = _run_phase(scoring_optimizer(sm, cfg.lr), loss_fn, cfg.steps, cfg.stop_delta, cfg.stop_window,
+                             "scoring", progress)
+        kept_scores, gates = _threshold(sm, graph, cfg.tau)
+        sm.set_hard(kept_scores, gates)
+        finetune_history: List[float] = []
+        with torch.no_grad():
+            kl_after = float(_kl(sm(images), target_logp))
+        if cfg.finetune and cfg.finetune_steps > 0 and kl_after > cfg.finetune_kl:
+            finetune_history = _finetune(sm, images, target_logp, cfg, progress)
+    sm.eval()
+
+    final = {name: sm.hard_score(name).detach().clone() for name, _ in sm.named_scores()}
+    kept = {name: torch.nonzero(s != 0).flatten().tolist() for name, s in final.items()}
+    kept_values = {name: [float(final[name][i]) for i in idx] for name, idx in kept.items()}
+    metrics = _metrics(sm, images, target_logits, graph, cfg.score_linear)
+    sizes = {name: int(s.numel()) for name, s in final.items()}
+    metrics.update({
+        "filters_kept": sum(len(v) for v in kept.values()),
+        "filters_total": sum(sizes.values()),
+        "layers_kept": sum(1 for v in kept.values() if v),
+        "layers_total": len(kept),
+        "regions_kept": sum(gates.values()),
+        "regions_total": len(gates),
+        "kl_before_finetune": kl_after,
+        "steps_run": len(history),
+        "finetune_steps_run": len(finetune_history),
+        "seconds": 0.0,
+    })
+    classes = target_logits.argmax(1)
+    paths = strongest_paths(sm, images, kept, classes)
+    metrics["seconds"] = time.perf_counter() - t0
+    names = list(class_names) if class_names is not None else None
+    return Chain(
+        kept=kept, scores=kept_values, gates=gates, config=cfg.to_dict(), seed=cfg.seed,
+        model_hash=hash_model(model), images_hash=hash_tensor(images), metrics=metrics,
+        layer_sizes=sizes, labels={n: graph.label_of.get(n, n) for n in [*sizes, *gates]},
+        regions={name: {"kind": r.kind, "layers": list(r.units)} for name, r in graph.regions.items()},
+        input_shape=list(images.shape[1:]), family=family,
+        classes=sorted(set(classes.tolist())), class_names=names,
+        paths={str(c): [[layer, idx, contrib] for layer, idx, contrib in p] for c, p in paths.items()},
+        history={"scoring": history, "finetune": finetune_history}, model_spec=model_spec,
+    )

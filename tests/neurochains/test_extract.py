@@ -1,0 +1,196 @@
+"""NeuroChains extraction: on the shipped model, small trained models and every family."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import nchains
+from nchains import NeuroChainsConfig
+from nchains.models import zoo
+from nchains.neurochains.extraction import model_family
+
+from _models import DigitsNet, digits_region, trained_digits_net
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    model = zoo.default_model()
+    images, labels, _ = zoo.default_images(["sneaker", "ankle-boot"], per_class=10)
+    chain = nchains.extract(model, images, class_names=zoo.default_class_names())
+    return model, images, chain
+
+
+def test_shipped_model_chain_is_small_and_faithful(shipped):
+    model, images, chain = shipped
+    m = chain.metrics
+    assert m["filters_total"] == sum(mod.out_channels for mod in model.modules() if isinstance(mod, nn.Conv2d))
+    assert m["filters_kept"] < 0.3 * m["filters_total"]
+    assert m["agreement"] >= 0.95
+    assert m["kl"] < 0.1
+    assert m["layers_kept"] <= m["layers_total"]
+
+
+def _metrics_of(masked, model, images):
+    with torch.no_grad():
+        out, ref = masked(images), model(images)
+    logp = F.log_softmax(ref, 1)
+    kl = F.kl_div(F.log_softmax(out, 1), logp, log_target=True, reduction="batchmean").item()
+    pred = ref.argmax(1)
+    agreement = (out.argmax(1) == pred).float().mean().item()
+    drop = (logp.exp() - F.softmax(out, 1)).gather(1, pred[:, None]).mean().item()
+    return kl, agreement, drop
+
+
+def test_apply_reproduces_reported_metrics(shipped):
+    model, images, chain = shipped
+    kl, agreement, drop = _metrics_of(chain.apply(model), model, images)
+    assert kl == pytest.approx(chain.metrics["kl"], rel=1e-4, abs=1e-6)
+    assert agreement == chain.metrics["agreement"]
+    assert drop == pytest.approx(chain.metrics["prob_drop"], rel=1e-4, abs=1e-6)
+
+
+def test_removed_filters_output_exact_zero_maps(shipped):
+    model, images, chain = shipped
+    masked = chain.apply(model)
+    seen = {}
+    hooks = [masked.unit(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+             for name, idx in chain.kept.items() if idx]
+    with torch.no_grad():
+        masked(images)
+    for h in hooks:
+        h.remove()
+    checked = 0
+    for name, out in seen.items():
+        removed = sorted(set(range(chain.layer_sizes[name])) - set(chain.kept[name]))
+        if removed:
+            assert torch.count_nonzero(out[:, removed]) == 0, name
+            checked += 1
+        assert torch.count_nonzero(out[:, chain.kept[name]]) > 0, name
+    assert checked > 0
+
+
+def test_filters_in_removed_regions_count_as_removed(shipped):
+    _, _, chain = shipped
+    for region, gate in chain.gates.items():
+        if gate == 0:
+            for layer in chain.regions[region]["layers"]:
+                assert chain.kept[layer] == []
+    assert chain.metrics["filters_kept"] == sum(len(v) for v in chain.kept.values())
+
+
+def test_describe_paths_use_kept_filters_of_each_class(shipped):
+    _, _, chain = shipped
+    text = chain.describe()
+    assert "sneaker" in text and "ankle-boot" in text and "→" in text
+    for path in chain.paths.values():
+        assert path, "every class has a path"
+        for layer, idx, contrib in path:
+            assert idx in chain.kept[layer] and contrib >= 0
+
+
+def test_same_seed_same_chain_and_seed_is_recorded():
+    net = trained_digits_net()
+    images, _ = digits_region()
+    a = nchains.extract(net, images, steps=40, finetune_steps=10, seed=3)
+    b = nchains.extract(net, images, steps=40, finetune_steps=10, seed=3)
+    assert a.kept == b.kept and a.scores == b.scores and a.gates == b.gates
+    assert a.seed == 3 and a.config["seed"] == 3
+    assert a.images_hash == b.images_hash and a.model_hash == b.model_hash
+
+
+def test_trained_digits_chain_preserves_predictions():
+    net = trained_digits_net()
+    images, labels = digits_region()
+    # A 240-filter network: each filter matters more than in ResNet-50, so a smaller L1
+    # weight than the paper's ImageNet value keeps the KL low.
+    chain = nchains.extract(net, images, lam=0.002, lam_gate=0.2, steps=200)
+    assert chain.metrics["agreement"] >= 0.9
+    assert chain.metrics["filters_kept"] < 0.8 * chain.metrics["filters_total"]
+
+
+def test_config_defaults_are_the_papers():
+    cfg = NeuroChainsConfig()
+    assert (cfg.temperature, cfg.lr, cfg.steps, cfg.tau, cfg.finetune_lr, cfg.finetune_steps, cfg.finetune_kl,
+            cfg.stop_delta) == (0.2, 0.005, 300, 0.1, 0.01, 50, 0.1, 0.02)
+    assert (cfg.resolved("vgg").lam, cfg.resolved("vgg").lam_gate) == (0.007, 2.0)
+    assert (cfg.resolved("resnet").lam, cfg.resolved("resnet").lam_gate) == (0.0065, 0.9)
+    assert cfg.replace(lam=0.5).resolved("vgg").lam == 0.5
+    assert model_family(nchains.analyze(torchvision.models.vgg11(num_classes=10), torch.zeros(1, 3, 32, 32))) \
+        == "vgg"
+    assert model_family(nchains.analyze(DigitsNet(), torch.zeros(1, 1, 8, 8))) == "resnet"
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda m, x: nchains.extract(m, x[0]), ValueError, r"images must have shape \[N, C, H, W\]"),
+    (lambda m, x: nchains.extract(m, x.numpy()), TypeError, "images must be a Tensor"),
+    (lambda m, x: nchains.extract(m, (x * 10).long()), ValueError, "floating-point"),
+    (lambda m, x: nchains.extract("model", x), TypeError, "model must be a torch.nn.Module"),
+    (lambda m, x: nchains.extract(m, x, lamda=0.1), ValueError, r"unknown NeuroChainsConfig field\(s\) \['lamda'\]"),
+    (lambda m, x: nchains.extract(m, x, steps=-1), ValueError, "steps must be an int >= 0"),
+    (lambda m, x: nchains.extract(m, x, tau=-0.1), ValueError, "tau must be a number >= 0"),
+    (lambda m, x: nchains.extract(m, x, config={"lam": 1}), TypeError, "config must be a NeuroChainsConfig"),
+    (lambda m, x: nchains.extract(m, x, class_names=["a"], steps=1), ValueError, "class_names must have 10"),
+])
+def test_bad_inputs(call, exc, match):
+    images, _ = digits_region(per_class=2)
+    with pytest.raises(exc, match=match):
+        call(DigitsNet().eval(), images)
+
+
+class _UserCNN(nn.Module):
+    """Grouped and depthwise convs, ReLU6/SiLU/GELU, pools, a residual add, a concat, a hidden Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.SiLU())
+        self.pw = nn.Conv2d(16, 16, 1, groups=4)
+        self.left = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.GELU())
+        self.right = nn.Conv2d(16, 8, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 12), nn.ReLU(),
+                                  nn.Linear(12, 5))
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(self.dw(x))
+        x = torch.cat([self.left(x), self.right(x)], dim=1)
+        return self.head(self.pool(x))
+
+
+def _randomise_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()
+
+
+FAMILIES = {
+    "vgg11": lambda: torchvision.models.vgg11(num_classes=10),
+    "vgg11_bn": lambda: torchvision.models.vgg11_bn(num_classes=10),
+    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
+    "resnet50": lambda: torchvision.models.resnet50(num_classes=10),
+    "resnext50_32x4d": lambda: torchvision.models.resnext50_32x4d(num_classes=10),
+    "wide_resnet50_2": lambda: torchvision.models.wide_resnet50_2(num_classes=10),
+    "user_cnn": _UserCNN,
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_architecture_family_extracts_and_applies(family):
+    torch.manual_seed(0)
+    model = _randomise_bn(FAMILIES[family]())
+    images = torch.randn(2, 3, 32, 32)
+    chain = nchains.extract(model, images, steps=3, finetune_steps=2, stop_delta=None,
+                            score_linear=family == "user_cnn")
+    assert chain.metrics["steps_run"] == 3
+    assert chain.metrics["filters_total"] == sum(chain.layer_sizes.values())
+    kl, agreement, _ = _metrics_of(chain.apply(model), model, images)
+    assert kl == pytest.approx(chain.metrics["kl"], rel=1e-3, abs=1e-5)
+    assert agreement == chain.metrics["agreement"]
+    if family == "user_cnn":
+        assert "head.2" in chain.layer_sizes and "head.4" not in chain.layer_sizes  # classifier never scored
