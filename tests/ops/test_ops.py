@@ -218,8 +218,9 @@ def _opcheck_samples():
     shortcut = torch.randn_like(x).requires_grad_()  # residual and gate_input at once
     return [
         (torch.ops.nchains.masked_conv2d, (x, w, b, s, [1, 1], [1, 1], [1, 1], 1, "relu", a, 0.2)),
-        (torch.ops.nchains.masked_conv2d, (x, w, None, s, [2, 1], [0, 1], [1, 2], 2 if False else 1, "none",
-                                           None, 0.2)),
+        # grouped: weight [C_out, C_in / groups, kh, kw]
+        (torch.ops.nchains.masked_conv2d, (x, w[:, :2].detach().clone().requires_grad_(), None, s, [2, 1], [0, 1],
+                                           [1, 2], 2, "none", None, 0.2)),
         (torch.ops.nchains._masked_conv2d, (xcl, torch.randn(4, 4, 3, 3), None, torch.randn(4), [1, 1], [1, 1],
                                             [1, 1], 1, "relu", torch.tensor(0.0), 0.2)),
         (torch.ops.nchains.masked_conv2d, (x, w, b, s, [1, 1], [1, 1], [1, 1], 1, "relu", a, 0.2,
@@ -239,6 +240,11 @@ def _opcheck_samples():
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
+
+
+def test_opcheck_samples_include_a_grouped_conv():
+    grouped = [args for op, args in _opcheck_samples() if op is torch.ops.nchains.masked_conv2d and args[7] > 1]
+    assert grouped and all(args[1].shape[1] * args[7] == args[0].shape[1] for args in grouped)
 
 
 class _TinyNet(torch.nn.Module):
