@@ -311,7 +311,31 @@ def test_hard_mode_uses_fixed_scores_and_soft_restores(resnet18):
         sm.gate_logit("layer1.0").fill_(0.0)
         sm.soft()
         assert not sm.hard and torch.equal(sm(x), soft)
-    assert not any(n.startswith("net.hard_scores") for n, _ in sm.named_parameters())
+
+
+def test_hard_mode_reads_the_hard_score_buffer_and_freezes_everything_else(resnet18):
+    model, x, graph = resnet18
+    sm = ScoredModel(graph).set_hard()
+    params = dict(sm.named_parameters())
+    buffers = dict(sm.named_buffers())
+    # only the learnable scores and gate logits are trainable; every copied weight is frozen
+    assert {n for n, p in params.items() if p.requires_grad} == {"net.flat_scores", "net.flat_gate_logits"}
+    assert not any(b.requires_grad for b in buffers.values())
+    assert "net.hard_flat_scores" in buffers and "net.hard_flat_scores" not in params
+    assert buffers["net.hard_flat_scores"].shape == sm.flat_scores.shape
+    reads = {n.target for n in sm.net.graph.nodes if n.op == "get_attr"}
+    assert "hard_flat_scores" in reads and "flat_scores" not in reads and "flat_gate_logits" not in reads
+    # the hard network computes with that buffer: zeroing one layer's part changes the logits
+    # exactly as zeroing that filter map in the original model does
+    with torch.no_grad():
+        before = sm(x)
+        sm.net.hard_flat_scores[sm.score_slice("layer4.1.conv2")] = 0.0
+        h = model.get_submodule(graph.layers["layer4.1.conv2"].bn).register_forward_hook(lambda m, i, o: o * 0)
+        ref = model(x)
+        h.remove()
+        _close(sm(x), ref)
+    assert not torch.allclose(before, ref)
+    assert not sm(x).requires_grad  # the hard network reaches no trainable tensor
 
 
 def test_set_hard_validates_arguments(resnet18):
