@@ -1,8 +1,10 @@
 """Benchmark the fused ops against their PyTorch composites at ResNet-50 layer shapes.
 
 Prints a table of median times (after warm-up) for forward and forward+backward, fused vs the
-composite (conv2d, mul, relu, blend, reductions), measured side by side in one run; and
-taylor_contributions vs ``(a * g).sum((2, 3))``.
+composite (conv2d, mul, relu, blend, reductions); and taylor_contributions vs
+``(a * g).sum((2, 3))``. Fused and composite runs are interleaved: every repeat runs each once,
+alternating which goes first, so drifts of the machine's state (clock, caches, other load) hit
+both alike; each cell is the median over the repeats.
 
 NeuroChains' setting: weights frozen, gradients wanted for the input, scores and gate logit.
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import List
 
 import torch
 
@@ -32,15 +35,20 @@ RESNET50_LAYERS = [
 ]
 
 
-def _median_time(fn, repeats: int, warmup: int = 2) -> float:
+def _interleaved_medians(fns, repeats: int, warmup: int = 2) -> List[float]:
+    """Median seconds of each of ``fns``, timed in alternation: repeat ``r`` runs them in order
+    (even ``r``) or reversed (odd ``r``), so that neither side always runs first or second."""
     for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn in fns:
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            t0 = time.perf_counter()
+            fns[i]()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _conv_case(batch, cin, cout, k, stride, pad, h, gated, relu=True):
@@ -83,7 +91,7 @@ def main(argv=None) -> None:
         args.batch, args.repeats = 2, 3
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"median of {args.repeats} after warm-up, float32, CPU")
+          f"median of {args.repeats} interleaved repeats after warm-up, float32, CPU")
     header = (f"{'layer':<24}{'fwd fused':>11}{'fwd comp':>11}{'ratio':>7}"
               f"{'f+b fused':>12}{'f+b comp':>11}{'ratio':>7}")
     print(header)
@@ -91,8 +99,8 @@ def main(argv=None) -> None:
     ratios = []
     for name, cin, cout, k, stride, pad, h, gated in RESNET50_LAYERS:
         f_fwd, c_fwd, f_fb, c_fb = _conv_case(args.batch, cin, cout, k, stride, pad, h, gated)
-        # Interleave fused and composite so both see the same machine state.
-        tf, tc, tfb, tcb = (_median_time(fn, args.repeats) for fn in (f_fwd, c_fwd, f_fb, c_fb))
+        tf, tc = _interleaved_medians([f_fwd, c_fwd], args.repeats)
+        tfb, tcb = _interleaved_medians([f_fb, c_fb], args.repeats)
         ratios.append(tcb / tfb)
         print(f"{name:<24}{tf * 1e3:>9.2f}ms{tc * 1e3:>9.2f}ms{tc / tf:>6.2f}x"
               f"{tfb * 1e3:>10.2f}ms{tcb * 1e3:>9.2f}ms{tcb / tfb:>6.2f}x")
@@ -107,8 +115,8 @@ def main(argv=None) -> None:
             g = torch.randn(args.batch, c, h, h)
             if layout == "channels_last":
                 a, g = (t.contiguous(memory_format=torch.channels_last) for t in (a, g))
-            tf = _median_time(lambda: ops.taylor_contributions(a, g), args.repeats)
-            tc = _median_time(lambda: (a * g).sum((2, 3)), args.repeats)
+            tf, tc = _interleaved_medians([lambda: ops.taylor_contributions(a, g), lambda: (a * g).sum((2, 3))],
+                                          args.repeats)
             print(f"{name + ' ' + layout:<34}{tf * 1e3:>8.2f}ms{tc * 1e3:>10.2f}ms{tc / tf:>7.2f}x")
 
 
