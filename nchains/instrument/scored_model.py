@@ -18,16 +18,15 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
-import operator
 from functools import partial
 from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from nchains.instrument.fusion import plan_fusions
+from nchains.instrument.rewrite_parts import _FlatParts, _gate_value, _keys, _out_of_place, _own_copy
+from nchains.instrument.scored_units import _ScoredConv, _ScoredLinear, fold_bn64
 from nchains._util.paths import fetch, missing, set_path
 from nchains.graph.analysis import ConvUnit, LinearUnit, ModelGraph
 
@@ -36,153 +35,7 @@ try:
 except ImportError:  # compiled extension not built: same semantics, unfused
     from nchains.ops import _reference as _ops
 
-_INPLACE = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-            operator.itruediv: operator.truediv, torch.relu_: torch.relu, F.relu_: torch.relu}
-
-
-def fold_bn64(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]
-              ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Fold eval-mode BN into the conv in float64: ``w * s``, ``(b - mean) * s + beta``,
-    ``s = gamma / sqrt(var + eps)``; the bias is None when neither conv nor BN has one."""
-    w = conv.weight.detach().double()
-    b = None if conv.bias is None else conv.bias.detach().double()
-    if bn is not None:
-        s = torch.rsqrt(bn.running_var.detach().double() + bn.eps)
-        shift = torch.zeros_like(s)
-        if bn.weight is not None:
-            s = s * bn.weight.detach().double()
-            shift = bn.bias.detach().double()
-        b = ((0.0 if b is None else b) - bn.running_mean.detach().double()) * s + shift
-        w = w * s.view(-1, 1, 1, 1)
-    return w, b
-
-
-def _fold(conv: nn.Conv2d,
-          bn: Optional[nn.BatchNorm2d]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """:func:`fold_bn64` cast back to the conv's dtype."""
-    w, b = fold_bn64(conv, bn)
-    dtype = conv.weight.dtype
-    return w.to(dtype), None if b is None else b.to(dtype)
-
-
-class _ScoredConv(nn.Module):
-    """One unit: ``act(score * bn(conv(x)))``, optionally gated with its own input."""
-
-    def __init__(self, unit: ConvUnit, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
-                 temperature: float):
-        super().__init__()
-        weight, bias = _fold(conv, bn)
-        if weight.device.type == "cpu" and weight.dtype == torch.float32:
-            # oneDNN's fastest float32 CPU convolutions are channels_last: a channels_last
-            # weight makes the conv (and so the whole scored network) run in that layout.
-            # (empty_like + copy_: canonical strides even for size-1 dims, e.g. one input channel)
-            weight = torch.empty_like(weight, memory_format=torch.channels_last).copy_(weight)
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-        self.stride, self.padding, self.dilation = unit.stride, unit.padding, unit.dilation
-        self.groups, self.temperature = unit.groups, temperature
-        self.fused = unit.act in (None, "relu")
-        self.activation = "relu" if unit.act == "relu" else "none"
-        self.act = None if self.fused else copy.deepcopy(unit.act_module)
-
-    def forward(self, x: torch.Tensor, score: torch.Tensor, gate_logit: Optional[torch.Tensor] = None,
-                residual: Optional[torch.Tensor] = None, gate_input: Optional[torch.Tensor] = None,
-                activation: Optional[str] = None) -> torch.Tensor:
-        """``act(score * bn(conv(x)))``, gated with ``x`` by ``gate_logit``; a fused residual
-        tail passes ``residual`` (added before ``activation``) and ``gate_input`` (the block's
-        input the gate blends with)."""
-        if self.fused:
-            return _ops.masked_conv2d(
-                x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
-                dilation=self.dilation, groups=self.groups, activation=activation or self.activation,
-                gate_logit=gate_logit, temperature=self.temperature, residual=residual, gate_input=gate_input)
-        y = self.act(_ops.masked_conv2d(
-            x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
-            dilation=self.dilation, groups=self.groups, activation="none"))
-        return y if gate_logit is None else _ops.gate(y, x, gate_logit, self.temperature)
-
-
-class _ScoredLinear(nn.Module):
-    """A hidden Linear with a score per output neuron: ``act(score * linear(x))``."""
-
-    def __init__(self, unit: LinearUnit, linear: nn.Linear):
-        super().__init__()
-        self.register_buffer("weight", linear.weight.detach().clone())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.act = copy.deepcopy(unit.act_module)
-
-    def forward(self, x: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias) * score
-        return y if self.act is None else self.act(y)
-
-
-def _out_of_place(node: fx.Node) -> None:
-    """In-place ops could overwrite a region's input before its gate reads it."""
-    if node.op == "call_method" and node.target.endswith("_") and not node.target.endswith("__"):
-        node.target = node.target[:-1]
-    if node.op != "call_function":
-        return
-    node.target = _INPLACE.get(node.target, node.target)
-    if node.kwargs.get("inplace"):
-        node.kwargs = {**node.kwargs, "inplace": False}
-    try:
-        names = list(inspect.signature(node.target).parameters)
-    except (TypeError, ValueError):
-        return
-    if "inplace" in names and len(node.args) > names.index("inplace"):
-        args = list(node.args)
-        args[names.index("inplace")] = False
-        node.args = tuple(args)
-
-
-def _own_copy(value):
-    """Frozen private copy (without hooks) of a module or tensor of the analysed model."""
-    if isinstance(value, nn.Module):
-        value = copy.deepcopy(value).requires_grad_(False)
-        for m in value.modules():
-            m._forward_hooks.clear()
-            m._forward_pre_hooks.clear()
-            m._backward_hooks.clear()
-        return value
-    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
-
-
-def _keys(names) -> Dict[str, str]:
-    """Attribute-safe keys for module paths: ``layer1.0.conv1`` -> ``layer1__0__conv1``."""
-    keys: Dict[str, str] = {}
-    for name in names:
-        key = name.replace(".", "__").replace("@", "_call")
-        while key in keys.values():
-            key += "_"
-        keys[name] = key
-    return keys
-
-
-class _FlatParts:
-    """Per-unit (per-region) parts of a flat tensor attribute in a graph being built: the
-    attribute is read and split once, at first use (so after the placeholders), and each
-    part is a ``getitem`` of that split; every node made is tagged ``nchains_param``."""
-
-    def __init__(self, graph: fx.Graph, attr: str, split_args: tuple):
-        self.graph, self.attr, self.split_args = graph, attr, split_args
-        self.split: Optional[fx.Node] = None
-
-    def __getitem__(self, index: int) -> fx.Node:
-        if self.split is None:
-            flat = self.graph.get_attr(self.attr)
-            fn = torch.split if self.split_args else torch.unbind
-            self.split = self.graph.call_function(fn, (flat, *self.split_args))
-            flat.meta, self.split.meta = {"nchains_param": True}, {"nchains_param": True}
-        item = self.graph.call_function(operator.getitem, (self.split, index))
-        item.meta = {"nchains_param": True}
-        return item
-
-
-def _gate_value(gate) -> int:
-    value = float(gate.item() if isinstance(gate, torch.Tensor) else gate)
-    if value not in (0.0, 1.0):
-        raise ValueError(f"gates values must be 0 or 1, got {gate!r}")
-    return int(value)
+__all__ = ["ScoredModel", "fold_bn64", "_out_of_place"]
 
 
 class ScoredModel(nn.Module):
