@@ -5,7 +5,7 @@ linears, residual adds, concats, gateable regions, the papers' labels and the un
 """
 
 from nchains.graph.analysis import (ChannelConcat, ConvUnit, LinearUnit, ModelGraph, Region, ResidualAdd,
-                                    analyze, classify, is_tensor, shape_of)
+                                    UnitDAG, analyze, classify, is_tensor, shape_of)
 
-__all__ = ["ChannelConcat", "ConvUnit", "LinearUnit", "ModelGraph", "Region", "ResidualAdd", "analyze",
-           "classify", "is_tensor", "shape_of"]
+__all__ = ["ChannelConcat", "ConvUnit", "LinearUnit", "ModelGraph", "Region", "ResidualAdd", "UnitDAG",
+           "analyze", "classify", "is_tensor", "shape_of"]

@@ -6,12 +6,13 @@ layers are leaves) and run once on an example input with
 ``node.meta["nn_module_stack"]``, so everything is keyed per call, not per module.
 
 This module traces, propagates shapes and assembles the :class:`ModelGraph`; the supported
-operations are in :mod:`nchains._classify`, filter units in :mod:`nchains._units` and
-gateable regions in :mod:`nchains._regions` (their public names are re-exported here).
+operations are in :mod:`nchains.graph.classify`, filter units in :mod:`nchains.graph.units`,
+gateable regions in :mod:`nchains.graph.regions` and the unit DAG in :mod:`nchains.graph.dag`
+(their public names are re-exported here).
 
 Example:
     >>> import torchvision
-    >>> from nchains.analysis import analyze
+    >>> from nchains.graph.analysis import analyze
     >>> g = analyze(torchvision.models.resnet50(), torch.randn(1, 3, 64, 64))
     >>> g.label_of["layer4.0.conv2"], len(g.regions), g.filters_total
     ('L4B1C2', 12, 26560)
@@ -20,20 +21,22 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from nchains.graph import labels as _labels
+from nchains.graph.dag import UnitDAG, build_dag
 from nchains.graph.classify import _CHANNEL_PRESERVING, _LEAF_TYPES, _operands, _where, classify, is_tensor, shape_of
 from nchains.graph.regions import Region, _regions
 from nchains.graph.units import ConvUnit, LinearUnit, _classifier, _conv_unit, _linear_unit
 
-__all__ = ["ChannelConcat", "ConvUnit", "LinearUnit", "ModelGraph", "Region", "ResidualAdd",
+__all__ = ["ChannelConcat", "ConvUnit", "LinearUnit", "ModelGraph", "Region", "ResidualAdd", "UnitDAG",
            "analyze", "classify", "is_tensor", "shape_of"]
 
 Node = fx.Node
@@ -78,6 +81,11 @@ class ModelGraph:
         label_of (dict name -> label), layer_of_label (dict label -> name): for layers,
             linears and regions (a "layer" region shares its unit's name and label).
         node_kinds (dict Node -> str): category of every node (see :func:`classify`).
+        dag (UnitDAG): producers, consumers and topological order of the units (cached).
+
+    A ModelGraph is read-only to its users: the scored model and the compact model write new
+    graphs and copy the modules they change, so one analysis serves ``extract``,
+    ``Chain.apply``, ``compact`` and ``export`` (pass it as ``graph=``).
     """
 
     graph_module: fx.GraphModule
@@ -119,10 +127,30 @@ class ModelGraph:
             raise ValueError(f"label {label!r} names no layer of this model")
         return self.layer_of_label[layer_label], index
 
+    @functools.cached_property
+    def dag(self) -> UnitDAG:
+        """Producers, consumers and topological order of the conv and linear units (built on
+        first use, then cached; see :mod:`nchains.graph.dag` for what "adjacent" means)."""
+        return build_dag(self.graph_module, self.units, self.node_kinds)
+
+    @property
+    def units(self) -> Dict[str, Union[ConvUnit, LinearUnit]]:
+        """Conv units then linear units, by name (a new dict; the units are shared)."""
+        return {**self.layers, **self.linears}
+
+    @functools.cached_property
+    def _unit_of_last(self) -> Dict[Node, str]:
+        return {u.last: n for n, u in self.units.items()}
+
+    @functools.cached_property
+    def _unit_rank(self) -> Dict[str, int]:
+        return {n: i for i, n in enumerate(self.units)}
+
     def source_units(self, node: Node) -> Tuple[str, ...]:
         """Units whose output channels reach ``node`` through channel-preserving ops only
-        (activations, elementwise ops, pools, residual adds, concats)."""
-        producer = {u.last: n for n, u in {**self.layers, **self.linears}.items()}
+        (activations, elementwise ops, pools, residual adds, concats); unlike :attr:`dag`, a
+        flatten or reshape stops the walk."""
+        producer = self._unit_of_last
         found, seen, stack = [], set(), [node]
         while stack:
             n = stack.pop()
@@ -133,8 +161,39 @@ class ModelGraph:
                 found.append(producer[n])
             elif self.node_kinds.get(n) in _CHANNEL_PRESERVING:
                 stack.extend(a for a in n.all_input_nodes if is_tensor(a))
-        order = {n: i for i, n in enumerate({**self.layers, **self.linears})}
-        return tuple(sorted(set(found), key=order.__getitem__))
+        return tuple(sorted(set(found), key=self._unit_rank.__getitem__))
+
+    def check_belongs(self, model: nn.Module, input_shape: Sequence[int], dtype: Optional[torch.dtype] = None,
+                      arg: str = "graph") -> "ModelGraph":
+        """ValueError unless this graph was analysed from ``model`` (its traced modules are
+        ``model``'s own) on inputs of shape ``[N, *input_shape]`` (and ``dtype``); returns self.
+
+        Args:
+            model (nn.Module): the model the caller is about to use the graph with.
+            input_shape (sequence of int): ``[C, H, W]`` of the caller's inputs.
+            dtype (torch.dtype): the caller's input dtype, when it must match.
+            arg (str): the argument name for the message.
+        """
+        gm = self.graph_module
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            try:
+                same = model.get_submodule(node.target) is gm.get_submodule(node.target)
+            except AttributeError:
+                same = False
+            if not same:
+                raise ValueError(f"{arg} was not analysed from this model: its module {node.target!r} is not "
+                                 f"the model's (pass graph=None, or nchains.analyze(model, example) of this model)")
+        if list(self.input_shape[1:]) != [int(d) for d in input_shape]:
+            raise ValueError(f"{arg} was analysed on inputs of shape {list(self.input_shape[1:])}, expected "
+                             f"{[int(d) for d in input_shape]} (pass graph=None, or analyse the model on the "
+                             "right input shape)")
+        meta = gm.graph.find_nodes(op="placeholder")[0].meta.get("tensor_meta")
+        if dtype is not None and isinstance(meta, TensorMetadata) and meta.dtype != dtype:
+            raise ValueError(f"{arg} was analysed on {meta.dtype} inputs, expected {dtype} (the model's dtype "
+                             "changed since; pass graph=None)")
+        return self
 
 
 class _ShapeProp(ShapeProp):
