@@ -31,8 +31,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from nchains.graph import labels as _labels
-from nchains.graph.dag import UnitDAG, build_dag
-from nchains.graph.classify import _CHANNEL_PRESERVING, _LEAF_TYPES, _operands, _where, classify, is_tensor, shape_of
+from nchains.graph.dag import UnitDAG, build_dag, walk_up
+from nchains.graph.classify import _CHANNEL_PRESERVING, _operands, _where, classify, is_leaf, is_tensor, shape_of
 from nchains.graph.regions import Region, _regions
 from nchains.graph.units import ConvUnit, LinearUnit, _classifier, _conv_unit, _linear_unit
 
@@ -150,17 +150,7 @@ class ModelGraph:
         """Units whose output channels reach ``node`` through channel-preserving ops only
         (activations, elementwise ops, pools, residual adds, concats); unlike :attr:`dag`, a
         flatten or reshape stops the walk."""
-        producer = self._unit_of_last
-        found, seen, stack = [], set(), [node]
-        while stack:
-            n = stack.pop()
-            if n in seen:
-                continue
-            seen.add(n)
-            if n in producer:
-                found.append(producer[n])
-            elif self.node_kinds.get(n) in _CHANNEL_PRESERVING:
-                stack.extend(a for a in n.all_input_nodes if is_tensor(a))
+        found, _ = walk_up([node], self._unit_of_last, lambda n: self.node_kinds.get(n) in _CHANNEL_PRESERVING)
         return tuple(sorted(set(found), key=self._unit_rank.__getitem__))
 
     def check_belongs(self, model: nn.Module, input_shape: Sequence[int], dtype: Optional[torch.dtype] = None,
@@ -206,7 +196,7 @@ class _ShapeProp(ShapeProp):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, qualname)
+        return is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Tuple
 
 from torch import fx
 
@@ -30,7 +30,7 @@ from nchains.graph.classify import is_tensor
 
 Node = fx.Node
 
-__all__ = ["UnitDAG", "build_dag"]
+__all__ = ["UnitDAG", "build_dag", "walk_up"]
 
 #: Node kinds that only read sizes or hold constants: no unit's channels flow through them.
 _NOT_DATA = ("shape", "constant")
@@ -86,10 +86,10 @@ class UnitDAG:
         return [(p, name) for name in self.order for p in self._producers[name]]
 
 
-def _upstream(start: Iterable[Node], unit_of_last: Mapping[Node, str], kinds: Mapping[Node, str]
-              ) -> Tuple[List[str], bool]:
-    """Units first met walking up from ``start`` through non-unit tensor ops, and whether the
-    model input was reached."""
+def walk_up(start: Iterable[Node], unit_of_last: Mapping[Node, str], passes: Callable[[Node], bool]
+            ) -> Tuple[List[str], bool]:
+    """Units first met walking up from ``start`` through the tensor inputs of nodes that
+    ``passes``, and whether the model input was reached."""
     found, seen, stack, from_input = [], set(), list(start), False
     while stack:
         n = stack.pop()
@@ -100,7 +100,7 @@ def _upstream(start: Iterable[Node], unit_of_last: Mapping[Node, str], kinds: Ma
             found.append(unit_of_last[n])
         elif n.op == "placeholder":
             from_input = True
-        elif kinds.get(n) not in _NOT_DATA:
+        elif passes(n):
             stack.extend(a for a in n.all_input_nodes if is_tensor(a))
     return found, from_input
 
@@ -113,13 +113,17 @@ def build_dag(gm: fx.GraphModule, units: Mapping[str, object], kinds: Mapping[No
     order = tuple(sorted(units, key=lambda name: position[units[name].first]))
     rank = {n: i for i, n in enumerate(order)}
     unit_of_last = {units[name].last: name for name in order}
+
+    def passes(n: Node) -> bool:
+        return kinds.get(n) not in _NOT_DATA
+
     producers, inputs = {}, []
     for name in order:
-        found, from_input = _upstream([units[name].input], unit_of_last, kinds)
+        found, from_input = walk_up([units[name].input], unit_of_last, passes)
         producers[name] = tuple(sorted(set(found), key=rank.__getitem__))
         if from_input:
             inputs.append(name)
     out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    found, _ = _upstream([a for a in out.all_input_nodes if is_tensor(a)], unit_of_last, kinds)
+    found, _ = walk_up([a for a in out.all_input_nodes if is_tensor(a)], unit_of_last, passes)
     outputs = tuple(sorted(set(found), key=rank.__getitem__))
     return UnitDAG(order, producers, tuple(inputs), outputs)
