@@ -1,5 +1,5 @@
-"""The ``nchains`` command line: :mod:`.main` (parser, error handling, ``extract``) and one
-module per further command."""
+"""The ``nchains`` command line: :mod:`.main` (parser, error handling) and one module per
+command (:mod:`.extract`, :mod:`.export`, :mod:`.inspect`)."""
 
 from nchains.cli.main import build_parser, main
 

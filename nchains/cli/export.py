@@ -1,8 +1,7 @@
-"""The ``nchains export`` and ``nchains inspect`` sub-commands.
+"""The ``nchains export`` command: a chain's compact model, verified, in every runtime's format.
 
-``nchains.cli`` calls :func:`add_commands`. Handlers raise ValueError/TypeError with one-line
-messages naming the argument (the CLI prints them and exits with code 2); ``inspect`` returns
-exit code 1 when an artifact is tampered, missing or unreadable.
+Handlers raise ValueError/TypeError with one-line messages naming the argument (the CLI prints
+them and exits with code 2). ``--out`` is checked writable before the model is loaded.
 """
 
 from __future__ import annotations
@@ -15,17 +14,19 @@ from typing import Optional, Tuple
 
 import torch
 
+from nchains.cli._outputs import check_output_dir
+
 _DEFAULT_FORMATS = "ts,onnx,pt2"
 
 
-def add_commands(subparsers) -> None:
-    """Registers ``export`` and ``inspect`` on an argparse sub-parsers object."""
+def add_command(subparsers) -> None:
+    """Registers ``export`` on an argparse sub-parsers object."""
     p = subparsers.add_parser(
         "export", help="export a chain as a compact, verified model (TorchScript, ONNX, torch.export)",
         description="Build the chain's compact model (pruned filters removed, BN and scores folded), export it, "
                     "verify every artifact against the masked model and write chain.ts, chain.onnx, chain.pt2 and "
                     "manifest.json into --out. The chain knows its model; --model/--weights override it.")
-    p.add_argument("chain", help="chain JSON written by `nchains extract`")
+    p.add_argument("chain", help="chain JSON written by `nchains extract` (or Chain.save)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--formats", default=_DEFAULT_FORMATS,
                    help=f"comma-separated formats among ts (TorchScript), onnx, pt2 (default {_DEFAULT_FORMATS})")
@@ -37,22 +38,13 @@ def add_commands(subparsers) -> None:
     p.add_argument("--images", default=None,
                    help="folder of images to verify on (default: the chain's own images, rebuilt from how "
                         "`nchains extract` chose them and checked against their hash, plus random inputs)")
-    p.add_argument("--size", type=int, default=224, help="image size for --images (default 224)")
-    p.add_argument("--preprocessing", choices=["imagenet", "none"], default="imagenet",
-                   help="preprocessing of --images (default imagenet)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size for --images (default: as the chain's images, else the model's)")
+    p.add_argument("--preprocessing", choices=["imagenet", "fashion-mnist", "none"], default=None,
+                   help="preprocessing of --images (default: as the chain's images, else the model's)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_export)
-
-    q = subparsers.add_parser(
-        "inspect", help="describe and verify an exported artifact or manifest",
-        description="Show the layers and filters kept, parameters, FLOPs and their ratio to the original, class "
-                    "names and verification status of an export folder, its manifest.json, chain.ts/.onnx/.pt2 "
-                    "or a chain JSON. Artifacts are re-hashed against the manifest: a tampered file is reported "
-                    "and the exit code is 1.")
-    q.add_argument("file", help="export folder, manifest.json, chain.ts, chain.onnx, chain.pt2 or chain JSON")
-    q.add_argument("--json", action="store_true", help="print the report as JSON")
-    q.set_defaults(func=cmd_inspect)
 
 
 def _chain_images(chain, spec) -> Tuple[Optional[torch.Tensor], str, Optional[str]]:
@@ -109,45 +101,63 @@ def _default_chain_images(chain) -> Tuple[Optional[torch.Tensor], str]:
     return images, f"{len(images)} shipped images of the chain's classes (the chain's own could not be rebuilt)"
 
 
+def _spec(args, chain) -> dict:
+    from nchains.models.spec import parse_model_spec
+
+    if args.model is not None or args.weights is not None:
+        return parse_model_spec(args.model, args.weights, args.num_classes)
+    if not chain.model_spec:
+        raise ValueError(f"chain {args.chain!r} does not record its model; pass --model (and --weights)")
+    spec = dict(chain.model_spec)
+    if args.num_classes is not None:
+        spec["num_classes"] = args.num_classes
+    return spec
+
+
+def _folder_images(args, chain, spec, model) -> torch.Tensor:
+    """``--images DIR`` preprocessed like the chain's own images (their record, else the model's
+    default), ``--size``/``--preprocessing`` overriding."""
+    from nchains.cli.extract import _in_channels
+    from nchains.models.images import load_image_folder
+    from nchains.models.spec import spec_preprocessing
+
+    pre = spec_preprocessing(spec, _in_channels(model))
+    source = chain.images_source or {}
+    if source.get("kind") == "folder":
+        pre = {k: source.get(k, pre[k]) for k in pre}
+    images, _, _, _ = load_image_folder(args.images, size=args.size or pre["size"],
+                                        preprocessing=args.preprocessing or pre["preprocessing"],
+                                        grayscale=bool(pre["grayscale"]))
+    return images
+
+
 def cmd_export(args) -> int:
     from nchains.neurochains.chain import Chain
     from nchains.export.exporter import _formats, export
-    from nchains.models.spec import load_model, parse_model_spec
+    from nchains.models.spec import load_model
 
     try:
         formats = _formats(args.formats)
     except ValueError as exc:
         raise ValueError(f"--formats: {exc}") from None
+    if args.size is not None and not 1 <= args.size <= 4096:
+        raise ValueError(f"--size must be between 1 and 4096 pixels, got {args.size}")
+    if args.images is None and (args.size is not None or args.preprocessing is not None):
+        raise ValueError("--size/--preprocessing apply to --images DIR")
+    check_output_dir(args.out)
     chain = Chain.load(args.chain)
-    if args.model is not None or args.weights is not None:
-        spec = parse_model_spec(args.model, args.weights, args.num_classes)
-    elif chain.model_spec:
-        spec = dict(chain.model_spec)
-        if args.num_classes is not None:
-            spec["num_classes"] = args.num_classes
-    else:
-        raise ValueError(f"chain {args.chain!r} does not record its model; pass --model (and --weights)")
-    if args.size < 1:
-        raise ValueError(f"--size must be >= 1, got {args.size}")
+    spec = _spec(args, chain)
     model = load_model(spec)
     try:
         chain.check_model(model)
     except ValueError as exc:
         raise ValueError(f"--model/--weights: {exc}") from None
-    preprocessing, warning = None, None
+    warning = None
     if args.images is not None:
-        from nchains.models.images import load_image_folder
-
-        images, _, _, _ = load_image_folder(args.images, size=args.size, preprocessing=args.preprocessing,
-                                            grayscale=spec.get("kind") == "default")
+        images = _folder_images(args, chain, spec, model)
         what = f"{len(images)} images from {args.images}"
-        if spec.get("kind") != "default":
-            preprocessing = {"kind": args.preprocessing, "size": args.size}
     else:
         images, what, warning = _chain_images(chain, spec)
-        source = chain.images_source or {}
-        if source.get("kind") == "folder" and spec.get("kind") != "default":
-            preprocessing = {"kind": source.get("preprocessing"), "size": source.get("size")}
     if images is not None and list(images.shape[1:]) != list(chain.input_shape):
         raise ValueError(f"--images gives inputs of shape {list(images.shape[1:])} but the chain's input shape "
                          f"is {chain.input_shape} (check --size)")
@@ -157,14 +167,16 @@ def cmd_export(args) -> int:
     if not quiet:
         print(f"exporting to {args.out}; verifying on {what} and random inputs", file=sys.stderr)
     note = what if warning is None else f"{warning}; verified on {what} instead"
+    # the manifest's input.preprocessing is what the chain's images went through (the exporter
+    # derives it from the chain), whatever --images the export is verified on
     manifest = export(chain, model, args.out, formats=formats, images=images, keep_scores=args.keep_scores,
-                      preprocessing=preprocessing, progress=not quiet, images_note=note)
+                      progress=not quiet, images_note=note)
     if args.json:
         print(json.dumps(manifest, indent=1))
     elif not args.quiet:
         c = manifest["compact"]
         print(f"compact model: {c['params']:,} parameters ({c['params_ratio']:.1%} of the original), "
-              f"{c['flops']:,} FLOPs ({c['flops_ratio']:.1%}), {c['convs_run']}/{c['convs_total']} convs run")
+              f"{c['macs']:,} MACs ({c['macs_ratio']:.1%}), {c['convs_run']}/{c['convs_total']} convs run")
         for fmt, info in manifest["artifacts"].items():
             v = manifest["verification"]["formats"][fmt]
             print(f"wrote {os.path.join(args.out, info['file'])}  {info['bytes']:,} bytes  "
@@ -172,14 +184,3 @@ def cmd_export(args) -> int:
                   f"argmax {v['argmax_agree']}/{v['rows']}  sha256 {info['sha256'][:16]}…")
         print(f"wrote {os.path.join(args.out, 'manifest.json')}")
     return 0
-
-
-def cmd_inspect(args) -> int:
-    from nchains.export.artifacts import format_report, inspect_artifact
-
-    report = inspect_artifact(args.file)
-    if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(format_report(report))
-    return 0 if report["ok"] else 1

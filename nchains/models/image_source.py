@@ -9,11 +9,11 @@ result against ``Chain.images_hash``).
 Records are JSON-serialisable dicts:
 
 - ``{"kind": "default", "classes": [...] | None, "per_class": int, "seed": int,
-  "confident": float | None}``: :func:`nchains.zoo.default_images` called with these arguments
+  "confident": float | None}``: :func:`nchains.models.zoo.default_images` called with these arguments
   (the shipped Fashion-MNIST sample; ``classes`` None means all ten).
-- ``{"kind": "folder", "path": str, "size": int, "preprocessing": "imagenet" | "none",
-  "grayscale": bool, "classes": [...] | None, "per_class": int}``:
-  :func:`nchains.data.load_image_folder` of the absolute ``path`` with ``size``,
+- ``{"kind": "folder", "path": str, "size": int, "preprocessing": "imagenet" | "fashion-mnist" |
+  "none", "grayscale": bool, "classes": [...] | None, "per_class": int}``:
+  :func:`nchains.models.images.load_image_folder` of the absolute ``path`` with ``size``,
   ``preprocessing`` and ``grayscale``; for a folder of class sub-folders, the first ``per_class``
   images (sorted file order) of each sub-folder named in ``classes`` (every sub-folder when None),
   in folder order. A flat folder gives all its images (``classes`` must be None, ``per_class``
@@ -23,7 +23,7 @@ Records are JSON-serialisable dicts:
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -32,7 +32,7 @@ KINDS = ("default", "folder")
 
 def default_source(classes: Optional[List[str]], per_class: int, seed: int,
                    confident: Optional[float]) -> Dict[str, Any]:
-    """The record of :func:`nchains.zoo.default_images` called with these arguments."""
+    """The record of :func:`nchains.models.zoo.default_images` called with these arguments."""
     return {"kind": "default", "classes": None if classes is None else list(classes), "per_class": per_class,
             "seed": seed, "confident": confident}
 
@@ -78,7 +78,24 @@ def _default_images(source: Dict[str, Any]) -> Tuple[torch.Tensor, str]:
     return images, f"{len(images)} shipped Fashion-MNIST test images"
 
 
-def _folder_images(source: Dict[str, Any]) -> Tuple[torch.Tensor, str]:
+class FolderSelection(NamedTuple):
+    """The images a folder record gives, with what is known about them.
+
+    Attributes:
+        images (Tensor[N, C, H, W]): float32, preprocessed.
+        labels (Tensor[N] or None): index into ``folder_classes`` (None for a flat folder).
+        folder_classes (list[str] or None): every class sub-folder, sorted (None for a flat folder).
+        available (dict class -> int): images each selected class sub-folder holds.
+    """
+
+    images: torch.Tensor
+    labels: Optional[torch.Tensor]
+    folder_classes: Optional[List[str]]
+    available: Dict[str, int]
+
+
+def folder_selection(source: Dict[str, Any]) -> FolderSelection:
+    """The images of a ``"folder"`` record, their labels and how many each class had."""
     from nchains.models.images import load_image_folder
 
     path, wanted, per_class = source["path"], source["classes"], source["per_class"]
@@ -86,13 +103,48 @@ def _folder_images(source: Dict[str, Any]) -> Tuple[torch.Tensor, str]:
         path, size=source["size"], preprocessing=source["preprocessing"], grayscale=source["grayscale"])
     if wanted is not None:
         if folder_classes is None:
-            raise ValueError("--classes needs --images DIR with one sub-folder per class")
+            raise ValueError(f"--classes needs --images DIR with one sub-folder per class; {path!r} is a flat folder")
         unknown = [c for c in wanted if c not in folder_classes]
         if unknown:
             raise ValueError(f"--classes {unknown} not found among the sub-folders {folder_classes}")
+        repeated = sorted({c for c in wanted if wanted.count(c) > 1})
+        if repeated:
+            raise ValueError(f"--classes must not repeat a class, got {repeated} more than once")
+    available: Dict[str, int] = {}
     if labels is not None:
         keep = torch.zeros(len(images), dtype=torch.bool)
         for c in (wanted if wanted is not None else folder_classes):
-            keep[torch.nonzero(labels == folder_classes.index(c)).flatten()[:per_class]] = True
-        images = images[keep]
-    return images, f"{len(images)} images from {path}"
+            members = torch.nonzero(labels == folder_classes.index(c)).flatten()
+            available[c] = len(members)
+            keep[members[:min(per_class, len(members))]] = True
+        images, labels = images[keep], labels[keep]
+    return FolderSelection(images, labels, folder_classes, available)
+
+
+def _folder_images(source: Dict[str, Any]) -> Tuple[torch.Tensor, str]:
+    images = folder_selection(source).images
+    return images, f"{len(images)} images from {source['path']}"
+
+
+def applied_preprocessing(spec: Optional[Dict[str, Any]], source: Optional[Dict[str, Any]]
+                          ) -> Optional[Dict[str, Any]]:
+    """Exactly what the images of a chain went through, for the manifest (``input.preprocessing``).
+
+    One function of the chain's model spec and images source: a folder record says it
+    (:func:`nchains.models.images.describe_preprocessing` of its preprocessing, size and
+    channels); the shipped sample, and a chain of the shipped model without a record, are 28x28
+    uint8 Fashion-MNIST images normalised with its mean and std. Anything else: None (unknown).
+    """
+    from nchains.models.images import describe_preprocessing
+
+    kind = source.get("kind") if isinstance(source, dict) else None
+    if kind == "folder":
+        try:
+            return describe_preprocessing(source["preprocessing"], source["size"], source["grayscale"])
+        except (KeyError, ValueError, TypeError):
+            return None
+    if kind == "default" or (kind is None and isinstance(spec, dict) and spec.get("kind") == "default"):
+        out = describe_preprocessing("fashion-mnist", 28, True)
+        out["input"] = "grayscale 28x28, uint8 pixels p (the Fashion-MNIST format)"
+        return out
+    return None

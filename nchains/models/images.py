@@ -8,7 +8,7 @@ Two layouts are accepted:
   ``ImageFolder``).
 
 Example:
-    >>> from nchains.data import load_image_folder
+    >>> from nchains.models.images import load_image_folder
     >>> x, labels, classes, files = load_image_folder("imgs/")   # ImageNet preprocessing
     >>> x.shape
     torch.Size([12, 3, 224, 224])
@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "load_image_folder"]
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "PREPROCESSING", "describe_preprocessing",
+           "load_image_folder"]
 
 #: File extensions recognised as images (lower case).
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -32,7 +33,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-_PREPROCESSING = ("imagenet", "none")
+#: Accepted ``preprocessing`` values.
+PREPROCESSING: tuple[str, ...] = ("imagenet", "fashion-mnist", "none")
 
 
 def _is_image(p: Path) -> bool:
@@ -46,26 +48,60 @@ def _read(path: Path, grayscale: bool) -> torch.Tensor:
         with Image.open(path) as im:
             im = im.convert("L" if grayscale else "RGB")
             return TF.pil_to_tensor(im)  # uint8 [C, H, W]
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"path: cannot read image file {str(path)!r}: {e}") from e
+    except Image.DecompressionBombError as e:  # a header claiming a huge size: refuse before decoding
+        raise ValueError(f"path: image file {str(path)!r} is too large to decode safely ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"path: cannot read image file {str(path)!r}: {e}") from None
+
+
+def _statistics(preprocessing: str, grayscale: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel of a normalising preprocessing, on the [0, 1] scale."""
+    if preprocessing == "fashion-mnist":
+        from nchains.models.fashion_mnist import FASHION_MEAN, FASHION_STD
+
+        return (FASHION_MEAN,) * (1 if grayscale else 3), (FASHION_STD,) * (1 if grayscale else 3)
+    if grayscale:  # one channel: the luminance-weighted ImageNet statistics
+        w = (0.299, 0.587, 0.114)
+        return (sum(a * b for a, b in zip(w, IMAGENET_MEAN)),), (sum(a * b for a, b in zip(w, IMAGENET_STD)),)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _resize_side(preprocessing: str, size: int) -> int:
+    """The shorter side an image is resized to before the centre crop."""
+    return round(size * 256 / 224) if preprocessing == "imagenet" else size
 
 
 def _preprocess(img: torch.Tensor, preprocessing: str, size: int, grayscale: bool) -> torch.Tensor:
-    if preprocessing == "imagenet":
-        # torchvision's ImageNet eval recipe: shorter side to size*256/224, centre crop.
-        img = TF.resize(img, [round(size * 256 / 224)], antialias=True)
+    if preprocessing == "none":  # only resize (if not already size x size) and scale to [0, 1]
+        if tuple(img.shape[-2:]) != (size, size):
+            img = TF.resize(img, [size, size], antialias=True)
+        return img.float() / 255.0
+    # torchvision's ImageNet eval recipe (shorter side to size*256/224, centre crop, always); for
+    # Fashion-MNIST the shorter side goes to size itself, and a 28x28 image stays untouched.
+    if preprocessing == "imagenet" or tuple(img.shape[-2:]) != (size, size):
+        img = TF.resize(img, [_resize_side(preprocessing, size)], antialias=True)
         img = TF.center_crop(img, [size, size])
-        x = img.float() / 255.0
-        mean, std = IMAGENET_MEAN, IMAGENET_STD
-        if grayscale:  # one channel: the luminance-weighted ImageNet statistics
-            w = (0.299, 0.587, 0.114)
-            mean = (sum(a * b for a, b in zip(w, IMAGENET_MEAN)),)
-            std = (sum(a * b for a, b in zip(w, IMAGENET_STD)),)
-        return TF.normalize(x, list(mean), list(std))
-    # "none": only resize (if the image is not already size x size) and scale to [0, 1].
-    if tuple(img.shape[-2:]) != (size, size):
-        img = TF.resize(img, [size, size], antialias=True)
-    return img.float() / 255.0
+    mean, std = _statistics(preprocessing, grayscale)
+    return TF.normalize(img.float() / 255.0, list(mean), list(std))
+
+
+def describe_preprocessing(preprocessing: str, size: int, grayscale: bool) -> dict:
+    """What :func:`load_image_folder` does to each image, as a JSON-able dict (the manifest's
+    ``input.preprocessing``): channels, resize, crop, scaling formula, mean and std."""
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
+    out = {"kind": preprocessing, "size": size, "channels": "grayscale" if grayscale else "RGB",
+           "input": "an image file of pixels p in 0..255"}
+    if preprocessing == "none":
+        out.update(resize=f"to {size}x{size} (antialiased bilinear) unless already that size",
+                   formula="x = p / 255")
+        return out
+    mean, std = _statistics(preprocessing, grayscale)
+    out.update(resize=f"shorter side to {_resize_side(preprocessing, size)} (antialiased bilinear), then centre "
+                      f"crop {size}x{size}" + ("" if preprocessing == "imagenet" else
+                                         f"; a {size}x{size} image is left as it is"),
+               formula="x = (p / 255 - mean) / std", mean=list(mean), std=list(std))
+    return out
 
 
 def load_image_folder(
@@ -86,6 +122,9 @@ def load_image_folder(
         preprocessing (str): ``"imagenet"``: resize the shorter side to
             ``size * 256 / 224`` (256 for 224), centre-crop ``size x size``, scale to
             [0, 1] and normalise with :data:`IMAGENET_MEAN`/:data:`IMAGENET_STD`.
+            ``"fashion-mnist"``: as ``"imagenet"`` but the shorter side goes to ``size`` and
+            the statistics are Fashion-MNIST's (a ``size x size`` image is only normalised, so
+            28x28 Fashion-MNIST PNGs give exactly the shipped model's inputs).
             ``"none"``: resize to ``size x size`` if needed and scale to [0, 1].
         grayscale (bool): Load one luminance channel instead of RGB (with
             ``"imagenet"``, normalised with the luminance-weighted ImageNet statistics).
@@ -106,8 +145,8 @@ def load_image_folder(
         raise TypeError(f"size must be an int, got {type(size).__name__}")
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
-    if preprocessing not in _PREPROCESSING:
-        raise ValueError(f"preprocessing must be one of {_PREPROCESSING}, got {preprocessing!r}")
+    if preprocessing not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {preprocessing!r}")
     if not isinstance(grayscale, bool):
         raise TypeError(f"grayscale must be a bool, got {type(grayscale).__name__}")
     if not isinstance(path, (str, os.PathLike)):

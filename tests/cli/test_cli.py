@@ -157,6 +157,8 @@ def test_old_default_chain_without_source_still_exports(tmp_path, capsys):
     data = json.loads(chain_path.read_text())
     del data["images_source"]
     data["version"] = 1
+    if "strongest_filters" in data:  # version 3 renamed version 1's paths
+        data["paths"] = data.pop("strongest_filters")
     chain_path.write_text(json.dumps(data))
     manifest, err = _export_manifest(capsys, chain_path, tmp_path / "out")
     assert manifest["verification"]["inputs"]["images"]["chain_images"] is True  # found by the hash search
@@ -185,7 +187,10 @@ def test_folder_chain_records_its_images_and_export_rebuilds_them(tmp_path, caps
     info = manifest["verification"]["inputs"]
     assert info["images"] == {"count": 4, "sha256": chain.images_hash, "chain_images": True}
     assert info["images_note"].startswith(f"the chain's 4 images from {folder.resolve()} (rebuilt")
-    assert manifest["input"]["preprocessing"] == {"kind": "none", "size": 32}
+    from nchains.models.images import describe_preprocessing
+
+    assert manifest["input"]["preprocessing"] == describe_preprocessing("none", 32, False)
+    assert manifest["input"]["preprocessing"]["formula"] == "x = p / 255"
 
     # the folder changed: export says so and falls back (no real images for a torchvision model)
     Image.fromarray((torch.rand(36, 40, 3) * 255).to(torch.uint8).numpy()).save(folder / "cats" / "0.png")
