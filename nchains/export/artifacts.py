@@ -238,6 +238,23 @@ def _table(rows: List[Tuple[str, ...]]) -> List[str]:
     return lines
 
 
+def _chain_region(chain_meta: Dict[str, Any], class_names=None) -> Optional[Dict[str, Any]]:
+    """The region of a chain (or an older manifest's chain entry) from its ``classes``."""
+    from nchains.models.class_names import chain_region
+
+    classes = chain_meta.get("classes") if isinstance(chain_meta, dict) else None
+    if not isinstance(classes, list) or not all(isinstance(c, int) for c in classes):
+        return None
+    names = class_names if class_names is not None else chain_meta.get("class_names")
+    return chain_region(classes, names if isinstance(names, list) else None)
+
+
+def _region_line(region: Optional[Dict[str, Any]]) -> str:
+    if not isinstance(region, dict):
+        return "region: unknown (the classes the chain was extracted for are not recorded)"
+    return f"region: {region.get('note', '')}"
+
+
 def format_report(report: Dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_artifact`'s result."""
     meta = report["metadata"]
@@ -250,6 +267,7 @@ def format_report(report: Dict[str, Any]) -> str:
                      f"{sum(1 for v in kept.values() if v)}/{len(kept)} layers")
         if meta.get("class_names"):
             lines.append("class names: " + ", ".join(map(str, meta["class_names"])))
+        lines.append(_region_line(meta.get("region") or _chain_region(meta)))
         lines.append("verification: not an exported artifact (export it with `nchains export`)")
         return "\n".join(lines)
     if meta:
@@ -271,6 +289,7 @@ def format_report(report: Dict[str, Any]) -> str:
                      f"preprocessing: {json.dumps(inp.get('preprocessing'))}")
         names = meta.get("class_names")
         lines.append("class names: " + (", ".join(map(str, names)) if names else "(none)"))
+        lines.append(_region_line(meta.get("region") or _chain_region(meta.get("chain", {}), names)))
         for fmt, v in meta.get("verification", {}).get("formats", {}).items():
             lines.append(f"export check {fmt}: max |diff| {v['max_abs_diff']:.3g} "
                          f"(relative {v['relative']:.3g}), argmax agreement {v['argmax_agree']}/{v['rows']}")

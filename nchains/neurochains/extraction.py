@@ -8,6 +8,7 @@ fine-tunes the surviving scores on the KL alone when it exceeds ``finetune_kl``.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -207,7 +208,7 @@ def strongest_paths(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Seque
 
 
 def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChainsConfig] = None, *,
-            class_names: Optional[Sequence[str]] = None, progress: bool = False,
+            class_names: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
             model_spec: Optional[dict] = None, **overrides) -> Chain:
     """Extract the local inference chain of ``model`` on ``images`` (NeuroChains).
 
@@ -216,8 +217,10 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         images (Tensor[N, C, H, W]): preprocessed images from one local region of data space.
         config (NeuroChainsConfig): hyper-parameters; defaults are the paper's.
         class_names (sequence of str): names of the model's output classes, for reports.
-        progress (bool): show a progress bar with the loss.
-        model_spec (dict): how to rebuild the model later (stored in the chain, used by the CLI).
+        progress (bool or None): show a progress bar with the loss; None (default): when stderr
+            is a terminal.
+        model_spec (dict): how to rebuild the model later (stored in the chain, used by the CLI);
+            None records ``{"kind": "default"}`` when ``model`` has the shipped model's weights.
         **overrides: NeuroChainsConfig fields, e.g. ``lam=0.01, steps=100, seed=1``.
 
     Returns:
@@ -239,6 +242,8 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
     if config is not None and not isinstance(config, NeuroChainsConfig):
         raise TypeError(f"config must be a NeuroChainsConfig or None, got {type(config).__name__}")
     cfg = (config or NeuroChainsConfig()).replace(**overrides)
+    if progress is None:  # a bar is for people watching a terminal, not for logs and pipes
+        progress = sys.stderr.isatty()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model.eval()
@@ -291,9 +296,14 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
     paths = strongest_paths(sm, images, kept, classes)
     metrics["seconds"] = time.perf_counter() - t0
     names = list(class_names) if class_names is not None else None
+    model_hash = hash_model(model)
+    if model_spec is None:  # a chain of the shipped model knows it, so `nchains export` needs no --model
+        from nchains.models.spec import spec_of_model_hash
+
+        model_spec = spec_of_model_hash(model_hash)
     return Chain(
         kept=kept, scores=kept_values, gates=gates, config=cfg.to_dict(), seed=cfg.seed,
-        model_hash=hash_model(model), images_hash=hash_tensor(images), metrics=metrics,
+        model_hash=model_hash, images_hash=hash_tensor(images), metrics=metrics,
         layer_sizes=sizes, labels={n: graph.label_of.get(n, n) for n in [*sizes, *gates]},
         regions={name: {"kind": r.kind, "layers": list(r.units)} for name, r in graph.regions.items()},
         input_shape=list(images.shape[1:]), family=family,
