@@ -26,6 +26,7 @@ from torch import fx, nn
 from nchains._util.io import PathLike, hash_tensor, write_atomic
 from nchains.neurochains.chain import Chain
 from nchains.compact.walk import compact
+from nchains.models.class_names import chain_region
 from nchains.export.artifacts import EXPORT_FORMAT, FILES, MANIFEST, model_stats
 # the per-format code lives in .formats; _EXPORTERS is re-exported as the same dict (tests patch it)
 from nchains.export.formats import _EXPORTERS, _INPUT, _OUTPUT, FORMATS, ExportError
@@ -119,13 +120,10 @@ def _formats(formats) -> Tuple[str, ...]:
 
 
 def _default_preprocessing(chain: Chain) -> Optional[Dict[str, Any]]:
-    spec = chain.model_spec or {}
-    if spec.get("kind") == "default":
-        from nchains.models import zoo
+    """What the chain's images went through (one function of its model spec and images source)."""
+    from nchains.models.image_source import applied_preprocessing
 
-        return {"kind": "fashion-mnist", "input": "grayscale 28x28, uint8 pixels p",
-                "formula": "x = (p / 255 - mean) / std", "mean": [zoo.FASHION_MEAN], "std": [zoo.FASHION_STD]}
-    return None
+    return applied_preprocessing(chain.model_spec, chain.images_source)
 
 
 # ---- metadata --------------------------------------------------------------------------------
@@ -153,6 +151,7 @@ def _metadata(chain: Chain, gm: fx.GraphModule, stats: Dict[str, Any], class_nam
                   "strongest_filters": chain.strongest_filters},
         "model_hash": chain.model_hash, "model_spec": chain.model_spec,
         "class_names": list(class_names) if class_names is not None else None,
+        "region": chain_region(chain.classes, class_names),
         "input": {"name": _INPUT, "shape": list(chain.input_shape), "batch": "dynamic",
                   "dtype": str(dtype).replace("torch.", ""), "preprocessing": preprocessing},
         "output": {"name": _OUTPUT, "shape": ["batch", n_out], "meaning": "logits (no softmax)"},
