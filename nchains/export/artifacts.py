@@ -137,7 +137,9 @@ def _canonical(meta: Dict[str, Any]) -> str:
 
 
 def _check_artifact(folder: str, fmt: str, entry: Dict[str, Any], manifest: Dict[str, Any]) -> Dict[str, Any]:
-    path = os.path.join(folder, entry.get("file", FILES.get(fmt, "")))
+    from nchains.export.folder import artifact_path
+
+    path = artifact_path(folder, f"artifacts.{fmt}.file", entry.get("file"))  # never outside the folder
     status = {"format": fmt, "file": path, "expected_sha256": entry.get("sha256")}
     if not os.path.isfile(path):
         return {**status, "status": "missing", "ok": False}
@@ -174,6 +176,8 @@ def inspect_artifact(path: PathLike) -> Dict[str, Any]:
         path = os.path.join(path, MANIFEST)
     if not os.path.exists(path):
         raise ValueError(f"path {path!r} does not exist")
+    from nchains.export.folder import manifest_artifacts
+
     kind = _kind(path)
     if kind == "json":
         data = _load_json(path)
@@ -182,6 +186,7 @@ def inspect_artifact(path: PathLike) -> Dict[str, Any]:
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise ValueError(f"path {path!r} is neither an nchains export manifest nor a chain JSON")
         folder = os.path.dirname(os.path.abspath(path))
+        manifest_artifacts(data, folder)  # every entry checked before any file is read
         checks = [_check_artifact(folder, fmt, entry, data) for fmt, entry in data.get("artifacts", {}).items()]
         return {"kind": "export", "path": path, "metadata": data, "checks": checks,
                 "ok": all(c["ok"] for c in checks)}
@@ -197,8 +202,11 @@ def inspect_artifact(path: PathLike) -> Dict[str, Any]:
                 "checks": [{"format": kind, "file": path, "ok": True,
                             "status": f"unverified: no {MANIFEST} beside the file"}]}
     manifest = _load_json(manifest_path)
-    entry = next((e for f, e in manifest.get("artifacts", {}).items()
-                  if os.path.basename(e.get("file", "")) == os.path.basename(path)), None)
+    if not isinstance(manifest, dict):
+        raise ValueError(f"path {manifest_path!r} is not an nchains export manifest (not a JSON object)")
+    listed = manifest_artifacts(manifest, folder)
+    entry = next((manifest["artifacts"][f] for f, p in listed.items() if os.path.basename(p) == os.path.basename(path)),
+                 None)
     if entry is None:
         check = {"format": kind, "file": path, "ok": False, "status": f"not listed in {manifest_path}"}
     else:

@@ -16,26 +16,30 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import fx, nn
 
-from nchains._util.io import PathLike, hash_tensor, write_atomic
+from nchains._util.io import PathLike, hash_tensor
+from nchains._util.publish import StagedFolder, check_destination
 from nchains.neurochains.chain import Chain
 from nchains.compact.walk import compact
-from nchains.models.class_names import chain_region
-from nchains.export.artifacts import EXPORT_FORMAT, FILES, MANIFEST, model_stats
+from nchains.export.artifacts import FILES, MANIFEST, model_stats
+from nchains.export.folder import replace_problem
 # the per-format code lives in .formats; _EXPORTERS is re-exported as the same dict (tests patch it)
-from nchains.export.formats import _EXPORTERS, _INPUT, _OUTPUT, FORMATS, ExportError
+from nchains.export.formats import _EXPORTERS, FORMATS, ExportError
+from nchains.export.manifest import (VERSION, build_metadata, default_preprocessing, dumps,  # noqa: F401 - VERSION
+                                     export_stats, with_artifacts)
 
 __all__ = ["export", "ExportError", "FORMATS", "RTOL"]
 
 #: An artifact passes when max |logit difference| <= RTOL * max |reference logit| on every input set.
 RTOL = 1e-4
-VERSION = 1
 # ---- verification ----------------------------------------------------------------------------
 
 def _compare(fmt: str, run: Callable, inputs: Dict[str, torch.Tensor], refs: Dict[str, torch.Tensor]
@@ -119,49 +123,139 @@ def _formats(formats) -> Tuple[str, ...]:
     return tuple(out)
 
 
-def _default_preprocessing(chain: Chain) -> Optional[Dict[str, Any]]:
-    """What the chain's images went through (one function of its model spec and images source)."""
-    from nchains.models.image_source import applied_preprocessing
+# ---- steps of export() -----------------------------------------------------------------------
 
-    return applied_preprocessing(chain.model_spec, chain.images_source)
-
-
-# ---- metadata --------------------------------------------------------------------------------
-
-def _metadata(chain: Chain, gm: fx.GraphModule, stats: Dict[str, Any], class_names, preprocessing,
-              keep_scores: bool, n_out: int, dtype: torch.dtype) -> Dict[str, Any]:
-    from nchains import __version__
-
-    region_of = {layer: r for r, info in chain.regions.items() for layer in info.get("layers", [])}
-    layers = {}
-    for name, size in chain.layer_sizes.items():
-        region = region_of.get(name)
-        layers[name] = {
-            "label": chain.label(name), "total": size, "kept": list(chain.kept.get(name, [])),
-            "scores": list(chain.scores.get(name, [])),
-            "computed": list(gm.nchains_layers.get(name, {}).get("out", [])),
-            "region": region, "region_kept": None if region is None else bool(chain.gates.get(region, 1)),
-        }
-    return {
-        "format": EXPORT_FORMAT, "version": VERSION, "nchains_version": __version__,
-        "torch_version": torch.__version__,
-        "chain": {"metrics": chain.metrics, "config": chain.config, "seed": chain.seed, "family": chain.family,
-                  "classes": chain.classes, "images_hash": chain.images_hash,
-                  "images_source": chain.images_source, "gates": chain.gates,
-                  "strongest_filters": chain.strongest_filters},
-        "model_hash": chain.model_hash, "model_spec": chain.model_spec,
-        "class_names": list(class_names) if class_names is not None else None,
-        "region": chain_region(chain.classes, class_names),
-        "input": {"name": _INPUT, "shape": list(chain.input_shape), "batch": "dynamic",
-                  "dtype": str(dtype).replace("torch.", ""), "preprocessing": preprocessing},
-        "output": {"name": _OUTPUT, "shape": ["batch", n_out], "meaning": "logits (no softmax)"},
-        "layers": layers,
-        "compact": {"keep_scores": keep_scores, **stats},
-    }
+def _validate(chain: Chain, model: nn.Module, out_dir: PathLike, formats, images, n_random: int,
+              images_note: Optional[str], preprocessing) -> Tuple[str, Tuple[str, ...], Optional[torch.Tensor]]:
+    """Checks every argument of :func:`export` before any work: (out_dir, formats, images)."""
+    if not isinstance(chain, Chain):
+        raise TypeError(f"chain must be an nchains.Chain, got {type(chain).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.fspath(out_dir)
+    check_destination(out_dir, replace_problem)
+    fmts = _formats(formats)
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
+        raise ValueError(f"n_random must be an int >= 2, got {n_random!r}")
+    if images_note is not None and not isinstance(images_note, str):
+        raise TypeError(f"images_note must be a str or None, got {type(images_note).__name__}")
+    if preprocessing is not None and not isinstance(preprocessing, (dict, str)):
+        raise TypeError(f"preprocessing must be a dict, a str or None, got {type(preprocessing).__name__}")
+    return out_dir, fmts, _check_images(images, chain)
 
 
-def _dumps(meta: Dict[str, Any]) -> str:
-    return json.dumps(meta, indent=1, sort_keys=False, allow_nan=True)
+@dataclass
+class _References:
+    """What every artifact is compared with: the masked model's logits on each input set."""
+    gm: fx.GraphModule  # the default compact graph (verified here; its layers go in the metadata)
+    inputs: Dict[str, torch.Tensor]
+    input_info: Dict[str, Any]
+    refs: Dict[str, torch.Tensor]
+    names: Optional[Sequence[str]]
+    dtype: torch.dtype
+
+    @property
+    def n_out(self) -> int:
+        return self.refs["random"].shape[1]
+
+
+def _references(chain: Chain, model: nn.Module, images: Optional[torch.Tensor], n_random: int,
+                images_note: Optional[str], class_names, keep_scores: bool) -> _References:
+    """Reference logits of ``chain.apply(model)``, and the default compact model checked against them."""
+    dtype = next(model.parameters()).dtype
+    masked = chain.apply(model)
+    gm = compact(chain, model, keep_scores=keep_scores)
+    inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
+    with torch.no_grad():
+        refs = {name: masked(x) for name, x in inputs.items()}
+    n_out = refs["random"].shape[1]
+    names = list(class_names) if class_names is not None else chain.class_names
+    if names is not None and len(names) != n_out:
+        raise ValueError(f"class_names must have {n_out} entries (one per logit), got {len(names)}")
+    check = _compare("compact", gm, inputs, refs)
+    if not check["passed"]:
+        raise ExportError(f"the compact model does not match the masked model: {check['failure']}; "
+                          "nothing was written (please report this as a bug)")
+    return _References(gm, inputs, input_info, refs, names, dtype)
+
+
+def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _References, meta: Dict[str, Any],
+                    keep_scores: bool, bar) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
+    """Exports, re-loads and compares each format: (programs, verification figures per format)."""
+    checks = {"compact": _compare("compact", ref.gm, ref.inputs, ref.refs)}
+    example = ref.inputs["random"][:2]
+    graphs: Dict[Tuple[Any, ...], fx.GraphModule] = {}  # one compact graph per set of options
+    programs: Dict[str, Any] = {}
+    for fmt in fmts:
+        exporter = _EXPORTERS[fmt]
+        try:
+            options = exporter.compact_options()
+            key = tuple(options.items())
+            if key not in graphs:
+                graphs[key] = compact(chain, model, keep_scores=keep_scores, **options)
+            programs[fmt], how = exporter.prepare(graphs[key], example)
+            exporter.plain(programs[fmt])
+            run = exporter.load(exporter.serialize(programs[fmt], dumps(meta)))
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any exporter failure names the format
+            text = str(exc).strip().splitlines()
+            raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {text[0] if text else ''}; "
+                              "nothing was written") from exc
+        checks[fmt] = _compare(fmt, run, ref.inputs, ref.refs)
+        checks[fmt]["exporter"] = how
+        checks[fmt]["channel_multiple"] = exporter.channel_multiple
+        checks[fmt]["max_pool"] = exporter.max_pool
+        checks[fmt]["memory_format"] = graphs[key].nchains_memory_format
+        checks[fmt].update(model_stats(graphs[key], chain.input_shape))  # params, macs: padding counts
+        if not checks[fmt]["passed"]:
+            raise ExportError(f"{fmt} export failed verification against the masked model: "
+                              f"{checks[fmt]['failure']}; nothing was written")
+        if bar is not None:
+            bar.update(1)
+    return programs, checks
+
+
+def _final_blobs(fmts: Sequence[str], programs: Dict[str, Any], meta: Dict[str, Any], ref: _References,
+                 bar) -> Dict[str, bytes]:
+    """Each artifact's bytes with the final metadata (verification included), verified again."""
+    final = dumps(meta)
+    blobs: Dict[str, bytes] = {}
+    for fmt in fmts:
+        exporter = _EXPORTERS[fmt]
+        blobs[fmt] = exporter.serialize(programs[fmt], final)
+        again = _compare(fmt, exporter.load(blobs[fmt]), ref.inputs, ref.refs)
+        if not again["passed"]:
+            raise ExportError(f"{fmt} artifact changed when re-saved with its metadata: {again['failure']}; "
+                              "nothing was written")
+        if bar is not None:
+            bar.update(1)
+    return blobs
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int):
+    """A tqdm bar over the export steps, or None."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="export", leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _publish(staging: StagedFolder, blobs: Dict[str, bytes], manifest: Dict[str, Any]) -> None:
+    """Writes every artifact and the manifest into the staging folder, then puts it in place."""
+    for fmt, blob in blobs.items():
+        staging.write(FILES[fmt], blob)
+    staging.write(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    staging.publish()
 
 
 # ---- entry point -----------------------------------------------------------------------------
@@ -171,15 +265,23 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
            images: Optional[torch.Tensor] = None, keep_scores: bool = False,
            class_names: Optional[Sequence[str]] = None, preprocessing: Optional[Dict[str, Any]] = None,
            n_random: int = 8, progress: bool = False, images_note: Optional[str] = None) -> Dict[str, Any]:
-    """Export the chain's compact model, verified, with metadata.
+    """Export the chain's compact model, verified, with metadata, all or nothing.
+
+    The whole set of files is built in a staging folder beside ``out_dir`` and published with
+    one atomic rename or exchange (:mod:`nchains._util.publish`): at every instant ``out_dir``
+    holds the previous complete export or the new one, never a mix, and never files of the
+    previous export that the new one does not list. A run killed midway leaves a hidden
+    ``.<name>.nchains-staging-…`` folder that the next export to ``out_dir`` removes.
 
     Args:
         chain (Chain): the chain to export.
         model (nn.Module): the chain's original model (weights must match ``chain.model_hash``).
-        out_dir (path): folder for ``chain.ts``, ``chain.onnx``, ``chain.pt2`` and ``manifest.json``
-            (created if missing; existing files of the same names are replaced).
-        formats (str or sequence of str): any of ``torchscript`` (``ts``), ``onnx``, ``pt2``, as a
-            sequence or a comma-separated string.
+        out_dir (path): folder for ``chain.ts``, ``chain.onnx``, ``chain.pt2`` and ``manifest.json``:
+            a new folder (parents are created), an empty one, or an earlier export (replaced as
+            a whole). A folder holding anything else is refused, never deleted.
+        formats (str or sequence of str): any of ``torchscript`` (``ts``), ``onnx``, ``pt2``,
+            ``aoti`` (AOTInductor package ``chain.aoti.pt2``, compiled with the C++ compiler: a
+            minute or more, so not a default), as a sequence or a comma-separated string.
         images (Tensor[N, *chain.input_shape]): the chain's images, for verification (recorded
             as such when their hash matches ``chain.images_hash``); random inputs are always used.
         keep_scores (bool): see :func:`nchains.compact.compact`.
@@ -196,117 +298,25 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
         its SHA-256 and size; ``verification`` the figures per format).
 
     Raises:
-        TypeError, ValueError: on bad arguments.
+        TypeError, ValueError: on bad arguments, or an ``out_dir`` that is a file, a foreign
+            non-empty folder or not writable (checked before any work).
         ExportError (a ValueError): when a format cannot be exported or fails verification
             (max |diff| <= 1e-4 x max |logit| and the same argmax); nothing is written then.
     """
-    if not isinstance(chain, Chain):
-        raise TypeError(f"chain must be an nchains.Chain, got {type(chain).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(out_dir, (str, os.PathLike)):
-        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
-    out_dir = os.fspath(out_dir)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} exists and is not a directory")
-    fmts = _formats(formats)
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
-        raise ValueError(f"n_random must be an int >= 2, got {n_random!r}")
-    if images_note is not None and not isinstance(images_note, str):
-        raise TypeError(f"images_note must be a str or None, got {type(images_note).__name__}")
-    if preprocessing is not None and not isinstance(preprocessing, (dict, str)):
-        raise TypeError(f"preprocessing must be a dict, a str or None, got {type(preprocessing).__name__}")
-    images = _check_images(images, chain)
+    out_dir, fmts, images = _validate(chain, model, out_dir, formats, images, n_random, images_note, preprocessing)
     chain.check_model(model)
     model.eval()
-    dtype = next(model.parameters()).dtype
-
-    masked = chain.apply(model)
-    gm = compact(chain, model, keep_scores=keep_scores)
-    inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
-    with torch.no_grad():
-        refs = {name: masked(x) for name, x in inputs.items()}
-    n_out = refs["random"].shape[1]
-    names = list(class_names) if class_names is not None else chain.class_names
-    if names is not None and len(names) != n_out:
-        raise ValueError(f"class_names must have {n_out} entries (one per logit), got {len(names)}")
-    checks = {"compact": _compare("compact", gm, inputs, refs)}
-    if not checks["compact"]["passed"]:
-        raise ExportError(f"the compact model does not match the masked model: {checks['compact']['failure']}; "
-                          "nothing was written (please report this as a bug)")
-
-    original, small = model_stats(model, chain.input_shape), model_stats(gm, chain.input_shape)
-    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
-    stats = {"params": small["params"], "flops": small["flops"], "original_params": original["params"],
-             "original_flops": original["flops"], "params_ratio": small["params"] / max(original["params"], 1),
-             "flops_ratio": small["flops"] / max(original["flops"], 1), "convs_run": len(convs),
-             "convs_total": len(chain.layer_sizes)}
-    meta = _metadata(chain, gm, stats, names, preprocessing if preprocessing is not None
-                     else _default_preprocessing(chain), keep_scores, n_out, dtype)
-    example = inputs["random"][:2]
-
-    graphs: Dict[Tuple[Any, ...], fx.GraphModule] = {}  # one compact graph per set of options
-    programs: Dict[str, Any] = {}
-    how: Dict[str, str] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=2 * len(fmts), desc="export", leave=False, dynamic_ncols=True)
-    try:
-        for fmt in fmts:
-            exporter = _EXPORTERS[fmt]
-            try:
-                options = exporter.compact_options()
-                key = tuple(options.items())
-                if key not in graphs:
-                    graphs[key] = compact(chain, model, keep_scores=keep_scores, **options)
-                programs[fmt], how[fmt] = exporter.prepare(graphs[key], example)
-                exporter.plain(programs[fmt])
-                data = exporter.serialize(programs[fmt], _dumps(meta))
-                run = exporter.load(data)
-            except ExportError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - any exporter failure names the format
-                text = str(exc).strip().splitlines()
-                raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {text[0] if text else ''}; "
-                                  "nothing was written") from exc
-            checks[fmt] = _compare(fmt, run, inputs, refs)
-            checks[fmt]["exporter"] = how[fmt]
-            checks[fmt]["channel_multiple"] = exporter.channel_multiple
-            checks[fmt]["max_pool"] = exporter.max_pool
-            checks[fmt]["memory_format"] = graphs[key].nchains_memory_format
-            checks[fmt].update(model_stats(graphs[key], chain.input_shape))  # params, flops: padding counts
-            if not checks[fmt]["passed"]:
-                raise ExportError(f"{fmt} export failed verification against the masked model: "
-                                  f"{checks[fmt]['failure']}; nothing was written")
-            if bar is not None:
-                bar.update(1)
-
-        meta["verification"] = {"rule": f"max |diff| <= {RTOL:g} x max |logit| and the same argmax, "
-                                        "against chain.apply(model)", "inputs": input_info, "formats": checks}
-        final = _dumps(meta)
-        blobs: Dict[str, bytes] = {}
-        for fmt in fmts:
-            exporter = _EXPORTERS[fmt]
-            blobs[fmt] = exporter.serialize(programs[fmt], final)
-            again = _compare(fmt, exporter.load(blobs[fmt]), inputs, refs)
-            if not again["passed"]:
-                raise ExportError(f"{fmt} artifact changed when re-saved with its metadata: {again['failure']}; "
-                                  "nothing was written")
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    import hashlib
-
-    manifest = dict(meta)
-    manifest["artifacts"] = {fmt: {"file": FILES[fmt], "sha256": hashlib.sha256(blob).hexdigest(),
-                                   "bytes": len(blob)} for fmt, blob in blobs.items()}
-    os.makedirs(out_dir, exist_ok=True)
-    for fmt, blob in blobs.items():
-        write_atomic(os.path.join(out_dir, FILES[fmt]), blob)
-    write_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    with StagedFolder(out_dir, replace_problem) as staging:  # an unwritable out_dir fails before the work
+        ref = _references(chain, model, images, n_random, images_note, class_names, keep_scores)
+        meta = build_metadata(chain, ref.gm, export_stats(chain, model, ref.gm), ref.names,
+                              preprocessing if preprocessing is not None else default_preprocessing(chain),
+                              keep_scores, ref.n_out, ref.dtype)
+        with _progress(progress, 2 * len(fmts)) as bar:
+            programs, checks = _verify_formats(chain, model, fmts, ref, meta, keep_scores, bar)
+            meta["verification"] = {"rule": f"max |diff| <= {RTOL:g} x max |logit| and the same argmax, "
+                                            "against chain.apply(model)", "inputs": ref.input_info,
+                                    "formats": checks}
+            blobs = _final_blobs(fmts, programs, meta, ref, bar)
+        manifest = with_artifacts(meta, blobs)
+        _publish(staging, blobs, manifest)
     return manifest
