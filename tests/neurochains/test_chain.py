@@ -105,10 +105,32 @@ def test_summary_lists_every_layer_and_the_metrics(chains):
     assert "Conv1" in text and "L2B1SC" in text
 
 
-def test_describe_is_paper_style(chains):
-    _, _, chain, _ = chains
-    lines = chain.describe().splitlines()
-    assert lines[0].startswith("Inference chain:")
-    for line, (cls, path) in zip(lines[1:], chain.paths.items()):
-        assert line.startswith(f"{cls}: ")
-        assert line.split(": ", 1)[1] == " → ".join(f"{chain.labels[l]}_{i}" for l, i, _ in path)
+def _hand_made_chain(**changes) -> Chain:
+    """A small chain written out by hand: four layers of 16 filters, one removed block."""
+    fields = dict(
+        kept={"conv1": [2, 5, 9], "layer1.0.conv1": [], "layer1.0.conv2": [], "layer2.0.conv1": [0, 11]},
+        scores={"conv1": [0.5, 1.25, 0.75], "layer1.0.conv1": [], "layer1.0.conv2": [],
+                "layer2.0.conv1": [1.0, 0.2]},
+        gates={"layer1.0": 0}, config={}, seed=0, model_hash="a" * 64, images_hash="b" * 64,
+        metrics={"filters_kept": 5, "filters_total": 64, "layers_kept": 2, "layers_total": 4},
+        layer_sizes={"conv1": 16, "layer1.0.conv1": 16, "layer1.0.conv2": 16, "layer2.0.conv1": 16},
+        labels={"conv1": "Conv1", "layer1.0.conv1": "L1B1C1", "layer1.0.conv2": "L1B1C2", "layer1.0": "L1B1"},
+        regions={"layer1.0": {"kind": "block", "layers": ["layer1.0.conv1", "layer1.0.conv2"]}},
+        classes=[0, 2, 7], class_names=["zero", "one", "two"],
+        strongest_filters={"2": [["conv1", 5, 0.7], ["layer2.0.conv1", 11, 0.3]],
+                           "0": [["conv1", 9, 0.1], ["layer2.0.conv1", 0, 0.05]],
+                           "7": []})
+    fields.update(changes)
+    return Chain(**fields)
+
+
+def test_describe_is_paper_style():
+    # layer2.0.conv1 has no label: its filters are named by module path; class 7 has no name
+    assert _hand_made_chain().describe() == (
+        "Inference chain: 5/64 filters, 2/4 layers\n"
+        "two: Conv1_5 → layer2.0.conv1_11\n"
+        "zero: Conv1_9 → layer2.0.conv1_0\n"
+        "7: (empty)")
+    assert _hand_made_chain(class_names=None, strongest_filters={"1": [["conv1", 2, 1.0]]}).describe() == (
+        "Inference chain: 5/64 filters, 2/4 layers\n"
+        "1: Conv1_2")
