@@ -64,17 +64,17 @@ def test_bench_extract_quick_runs_and_reports_both_sides():
 @pytest.mark.slow
 def test_bench_export_table():
     """tools/bench_export.py end to end on the shipped model: six rows (3 runtimes x 2
-    batches), the target measured against the chain's own FLOP ratio (the same in every row,
-    whatever the artifacts pad), the exported artifacts' padded FLOPs shown beside it."""
+    batches), the target measured against the chain's own MAC ratio (the same in every row,
+    whatever the artifacts pad), the exported artifacts' padded MACs shown beside it."""
     out = subprocess.run([sys.executable, str(TOOLS / "bench_export.py"), "--models", "fashion", "--reps", "2"],
                          capture_output=True, text=True, check=True, timeout=900).stdout
     rows = [line.split() for line in out.splitlines() if line.split()[:1] == ["fashion"]]
     assert [(r[1], r[2]) for r in rows] == [(rt, b) for b in ("1", "20")
                                           for rt in ("eager", "torchscript", "onnxruntime")]
-    mflops = lambda s: float(s.rstrip("M"))  # noqa: E731
+    mmacs = lambda s: float(s.rstrip("M"))  # noqa: E731
     for r in rows:
-        orig, chain_flops, art_flops, ratio = mflops(r[5]), mflops(r[6]), mflops(r[7]), float(r[8])
-        assert ratio == pytest.approx(orig / chain_flops, rel=0.05)
+        orig, chain_macs, art_macs, ratio = mmacs(r[5]), mmacs(r[6]), mmacs(r[7]), float(r[8])
+        assert ratio == pytest.approx(orig / chain_macs, rel=0.05)
         assert float(r[12]) == pytest.approx(0.6 * ratio, abs=0.01)
-        assert (art_flops > chain_flops) == (r[1] != "eager")  # exported artifacts are padded
+        assert (art_macs > chain_macs) == (r[1] != "eager")  # exported artifacts are padded
         assert r[13] == ("yes" if float(r[11]) >= float(r[12]) else "no")

@@ -5,10 +5,10 @@ For each model (the shipped Fashion-MNIST ResNet, torchvision ResNet-50 and VGG-
 weights) a chain comes from a short NeuroChains extraction; for the random-weight models the
 learned scores are thresholded at a quantile so that about ``--keep`` of the filters survive
 (random weights give no meaningful chain, only a realistic sparsity pattern). Prints parameters,
-FLOPs and median latency at batch 1 and 20 of the original and the compact model, the measured
-speed-up and the target ``speed-up >= 0.6 x FLOP ratio``. The FLOP ratio is the chain's: the
-original's FLOPs over the unpadded compact model's. An exported artifact computes more (it pads
-channel counts to its format's ``channel_multiple`` with zero channels): column ``art. FLOPs``
+MACs (multiply-accumulates) and median latency at batch 1 and 20 of the original and the compact
+model, the measured speed-up and the target ``speed-up >= 0.6 x MAC ratio``. The MAC ratio is the
+chain's: the original's MACs over the unpadded compact model's. An exported artifact computes more
+(it pads channel counts to its format's ``channel_multiple`` with zero channels): column ``art. MACs``
 shows what it computes, but the target does not move with it. The eager rows time
 ``compact(chain, model)`` (unpadded).
 
@@ -192,20 +192,20 @@ def main(argv=None) -> int:
                     with keep_freed_memory(enabled=not args.glibc_defaults):
                         t_o, t_c, speed = _paired_ms(orig, comp, x, args.reps)
                     s_c = s_art[runtime]
-                    ratio = s_orig["flops"] / max(s_small["flops"], 1)
-                    rows.append((name, runtime, batch, s_orig["params"], s_c["params"], s_orig["flops"],
-                                 s_small["flops"], s_c["flops"], ratio, t_o, t_c, speed))
+                    ratio = s_orig["macs"] / max(s_small["macs"], 1)
+                    rows.append((name, runtime, batch, s_orig["params"], s_c["params"], s_orig["macs"],
+                                 s_small["macs"], s_c["macs"], ratio, t_o, t_c, speed))
         _print(rows)
-    print("FLOPs: multiply-accumulates of conv and linear layers per image; FLOP x = original / compact (the "
-          "chain's, unpadded); art. FLOPs: what the timed artifact computes; "
-          "target = 0.6 x FLOP x; latency = median wall time of one forward pass; speed-up = median of the "
+    print("MACs: multiply-accumulates of conv and linear layers per image; MAC x = original / compact (the "
+          "chain's, unpadded); art. MACs: what the timed artifact computes; "
+          "target = 0.6 x MAC x; latency = median wall time of one forward pass; speed-up = median of the "
           f"ratios of interleaved runs; {args.threads} thread(s); ONNX channel_multiple {onnx_cm}; allocator: "
           + ("glibc defaults" if args.glibc_defaults else "freed memory kept (keep_freed_memory)"))
     return 0
 
 
 def _print(rows) -> None:
-    head = ("model", "runtime", "batch", "params", "params'", "FLOPs", "FLOPs'", "art. FLOPs", "FLOP x", "orig ms",
+    head = ("model", "runtime", "batch", "params", "params'", "MACs", "MACs'", "art. MACs", "MAC x", "orig ms",
             "compact ms", "speed-up", "target", "met")
     lines = [head]
     for name, rt, b, po, pc, fo, fc, fa, ratio, to, tc, speed in rows:

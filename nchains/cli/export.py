@@ -22,14 +22,17 @@ _DEFAULT_FORMATS = "ts,onnx,pt2"
 def add_command(subparsers) -> None:
     """Registers ``export`` on an argparse sub-parsers object."""
     p = subparsers.add_parser(
-        "export", help="export a chain as a compact, verified model (TorchScript, ONNX, torch.export)",
+        "export", help="export a chain as a compact, verified model (TorchScript, ONNX, torch.export, AOTInductor)",
         description="Build the chain's compact model (pruned filters removed, BN and scores folded), export it, "
-                    "verify every artifact against the masked model and write chain.ts, chain.onnx, chain.pt2 and "
-                    "manifest.json into --out. The chain knows its model; --model/--weights override it.")
+                    "verify every artifact against the masked model and write chain.ts, chain.onnx, chain.pt2 (and "
+                    "chain.aoti.pt2 with --formats ...,aoti) and manifest.json into --out. The chain knows its "
+                    "model; --model/--weights override it.")
     p.add_argument("chain", help="chain JSON written by `nchains extract` (or Chain.save)")
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--formats", default=_DEFAULT_FORMATS,
-                   help=f"comma-separated formats among ts (TorchScript), onnx, pt2 (default {_DEFAULT_FORMATS})")
+                   help="comma-separated formats among ts (TorchScript), onnx, pt2 (torch.export), aoti (AOTInductor "
+                        "package chain.aoti.pt2: compiled with the C++ compiler, a minute or more; e.g. "
+                        f"--formats ts,onnx,pt2,aoti) (default {_DEFAULT_FORMATS})")
     p.add_argument("--keep-scores", action="store_true",
                    help="keep BatchNorm and the scores as explicit per-channel ops (bit-exact filter weights)")
     p.add_argument("--model", default=None, help="'default' or torchvision:NAME (default: the chain's model)")

@@ -23,38 +23,47 @@ from torch import nn
 
 from nchains._util.io import PathLike, hash_file
 
-__all__ = ["METADATA_KEY", "MANIFEST", "model_stats", "read_embedded", "inspect_artifact", "format_report"]
+__all__ = ["METADATA_KEY", "MANIFEST", "RUNTIMES", "model_stats", "read_embedded", "inspect_artifact", "format_report"]
 
 #: Name of the metadata in TorchScript and pt2 extra files, and key in ONNX metadata_props.
 METADATA_KEY = "nchains.json"
 MANIFEST = "manifest.json"
 EXPORT_FORMAT = "nchains.export"
-FILES = {"torchscript": "chain.ts", "onnx": "chain.onnx", "pt2": "chain.pt2"}
-_SUFFIX = {".ts": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}
+FILES = {"torchscript": "chain.ts", "onnx": "chain.onnx", "pt2": "chain.pt2", "aoti": "chain.aoti.pt2"}
+#: Format -> which runtime loads its file, and how (the manifest's ``artifacts`` entries carry them).
+RUNTIMES = {
+    "torchscript": {"runtime": "libtorch / torch.jit.load (TorchScript, deprecated upstream)",
+                    "load": "torch.jit.load(path)"},
+    "onnx": {"runtime": "onnxruntime (or any ONNX runtime, e.g. Triton)", "load": "onnxruntime.InferenceSession(path)"},
+    "pt2": {"runtime": "PyTorch torch.export", "load": "torch.export.load(path).module()"},
+    "aoti": {"runtime": "AOTInductor (compiled CPU code; PyTorch or libtorch C++, no Python needed)",
+             "load": "torch._inductor.aoti_load_package(path) / C++ AOTIModelPackageLoader"},
+}
+_SUFFIX = {".aoti.pt2": "aoti", ".ts": "torchscript", ".onnx": "onnx", ".pt2": "pt2"}
 
 
 def model_stats(model: nn.Module, input_shape) -> Dict[str, int]:
-    """Parameters and FLOPs of one forward pass on one sample.
+    """Parameters and multiply-accumulates (MACs) of one forward pass on one sample.
 
-    FLOPs count multiply-accumulates of Conv2d and Linear layers (the convention of torchvision's
-    model tables and the pruning literature); elementwise ops, pooling and index ops are not
-    counted.
+    MACs of Conv2d and Linear layers (the "FLOPs" of torchvision's model tables and the pruning
+    literature, which are multiply-accumulates: twice as many floating-point operations);
+    elementwise ops, pooling and index ops are not counted.
 
     Args:
         model (nn.Module): any model made of ``nn.Conv2d``/``nn.Linear`` modules (run eagerly).
         input_shape (sequence of int): ``[C, H, W]`` of one sample.
 
     Returns:
-        dict: ``params`` (number of parameter elements) and ``flops``.
+        dict: ``params`` (number of parameter elements) and ``macs``.
     """
-    flops = [0]
+    macs = [0]
 
     def hook(module, inputs, output):
         if isinstance(module, nn.Conv2d):
             k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            flops[0] += output[0].numel() * k
+            macs[0] += output[0].numel() * k
         elif isinstance(module, nn.Linear):
-            flops[0] += output[0].numel() * module.in_features
+            macs[0] += output[0].numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     param = next(model.parameters(), None)
@@ -65,14 +74,14 @@ def model_stats(model: nn.Module, input_shape) -> Dict[str, int]:
     finally:
         for h in handles:
             h.remove()
-    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(flops[0])}
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": int(macs[0])}
 
 
 # ---- reading artifacts ----------------------------------------------------------------------
 
 
 def _kind(path: str) -> str:
-    suffix = os.path.splitext(path)[1].lower()
+    suffix = next((s for s in _SUFFIX if path.lower().endswith(s)), os.path.splitext(path)[1].lower())
     if suffix in _SUFFIX:
         return _SUFFIX[suffix]
     if suffix == ".json":
@@ -84,7 +93,10 @@ def _kind(path: str) -> str:
         raise ValueError(f"path {path!r} cannot be read: {exc}") from None
     if head.startswith(b"PK"):
         with zipfile.ZipFile(path) as z:
-            return "pt2" if any(n.endswith("archive_format") for n in z.namelist()) else "torchscript"
+            names = z.namelist()
+        if any("/data/aotinductor/" in n for n in names):
+            return "aoti"
+        return "pt2" if any(n.endswith("archive_format") for n in names) else "torchscript"
     return "onnx"
 
 
@@ -97,7 +109,7 @@ def read_embedded(path: PathLike, fmt: Optional[str] = None) -> Dict[str, Any]:
     path = os.fspath(path)
     fmt = fmt or _kind(path)
     try:
-        if fmt in ("torchscript", "pt2"):
+        if fmt in ("torchscript", "pt2", "aoti"):
             with zipfile.ZipFile(path) as z:
                 names = [n for n in z.namelist() if n.endswith(f"/extra/{METADATA_KEY}")]
                 if not names:
@@ -112,7 +124,7 @@ def read_embedded(path: PathLike, fmt: Optional[str] = None) -> Dict[str, Any]:
                 raise ValueError(f"{path!r} carries no nchains metadata (metadata_props[{METADATA_KEY!r}])")
             text = props[METADATA_KEY]
         else:
-            raise ValueError(f"{path!r} is not an artifact (expected .ts, .onnx or .pt2)")
+            raise ValueError(f"{path!r} is not an artifact (expected .ts, .onnx, .pt2 or .aoti.pt2)")
         return json.loads(text)
     except ValueError:
         raise
@@ -269,6 +281,23 @@ def format_report(report: Dict[str, Any]) -> str:
     lines = [f"{report['path']}: {report['kind']}"]
     if report["kind"] == "chain":
         kept = meta.get("kept", {})
+def _macs_line(c: Dict[str, Any]) -> str:
+    # manifests of earlier versions called the multiply-accumulates "flops": read either
+    key = "macs" if "macs" in c or "flops" not in c else "flops"
+    ratio = c.get(f"{key}_ratio")
+    return (f"MACs {_fmt_count(c.get(key))} (multiply-accumulates; original {_fmt_count(c.get(f'original_{key}'))}, "
+            f"ratio {ratio if ratio is not None else float('nan'):.4f}, speed-up bound "
+            f"{1 / ratio if ratio else float('inf'):.1f}x)")
+
+
+def _runtime_line(fmt: str, entry: Optional[Dict[str, Any]]) -> str:
+    """Which runtime loads the artifact: the manifest's words, else this version's (older manifests)."""
+    known = RUNTIMES.get(fmt, {})
+    entry = entry if isinstance(entry, dict) else {}
+    runtime, load = entry.get("runtime", known.get("runtime", "?")), entry.get("load", known.get("load", "?"))
+    return f"runtime: {runtime}; load: {load}"
+
+
         sizes = meta.get("layer_sizes", {})
         lines.append(f"chain of model {str(meta.get('model_hash', ''))[:12]}…: "
                      f"{sum(len(v) for v in kept.values())}/{sum(sizes.values())} filters, "
@@ -289,9 +318,7 @@ def format_report(report: Dict[str, Any]) -> str:
                      f"{sum(1 for v in layers.values() if v.get('kept'))}/{len(layers)}")
         lines.append(f"parameters {_fmt_count(c.get('params'))} (original {_fmt_count(c.get('original_params'))}, "
                      f"ratio {c.get('params_ratio', float('nan')):.4f})")
-        lines.append(f"FLOPs {_fmt_count(c.get('flops'))} (original {_fmt_count(c.get('original_flops'))}, "
-                     f"ratio {c.get('flops_ratio', float('nan')):.4f}, speed-up bound "
-                     f"{1 / c['flops_ratio'] if c.get('flops_ratio') else float('inf'):.1f}x)")
+        lines.append(_macs_line(c))
         inp = meta.get("input", {})
         lines.append(f"input [N, {', '.join(map(str, inp.get('shape', [])))}] {inp.get('dtype', '')}, "
                      f"preprocessing: {json.dumps(inp.get('preprocessing'))}")
@@ -305,3 +332,5 @@ def format_report(report: Dict[str, Any]) -> str:
         lines.append(f"{check['format']}: {check['status']}  ({check['file']})")
     lines.append("status: " + ("OK" if report["ok"] else "FAILED (tampered, missing or unreadable artifact)"))
     return "\n".join(lines)
+    artifacts = meta.get("artifacts") if isinstance(meta, dict) else None  # an export's manifest lists them
+        lines.append(f"  {_runtime_line(check['format'], (artifacts or {}).get(check['format']))}")

@@ -6,7 +6,8 @@ masked model ``chain.apply(model)`` on the chain's images and on random inputs, 
 batch sizes. Only when every format passes is anything written: ``chain.ts``, ``chain.onnx``,
 ``chain.pt2`` and ``manifest.json`` (each atomically). The same metadata (chain summary, kept
 filters, class names, input and preprocessing, weights hash, verification figures) is embedded
-in every artifact: TorchScript and pt2 extra file ``nchains.json``, ONNX ``metadata_props``.
+in every artifact: TorchScript, pt2 and AOTInductor extra file ``nchains.json``, ONNX
+``metadata_props``. The per-format code is in :mod:`nchains.export.formats`.
 The artifacts hold plain ATen/ONNX ops only and load without nchains installed.
 
 Example:
@@ -112,12 +113,13 @@ def _formats(formats) -> Tuple[str, ...]:
     if isinstance(formats, str):
         formats = [f for f in formats.split(",") if f.strip()]
     if not isinstance(formats, (list, tuple)) or not formats:
-        raise ValueError(f"formats must name at least one of torchscript (ts), onnx, pt2, got {formats!r}")
+        raise ValueError(f"formats must name at least one of torchscript (ts), onnx, pt2, aoti, got {formats!r}")
     out = []
     for f in formats:
         key = FORMATS.get(str(f).strip().lower()) if isinstance(f, str) else None
         if key is None:
-            raise ValueError(f"formats: unknown format {f!r}; accepted: torchscript (ts), onnx, pt2")
+            raise ValueError(f"formats: unknown format {f!r}; accepted: torchscript (ts), onnx, pt2 (export), "
+                             "aoti (aotinductor)")
         if key not in out:
             out.append(key)
     return tuple(out)

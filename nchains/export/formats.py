@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Tuple
@@ -18,13 +20,14 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 from torch import fx
 
-from nchains.export.artifacts import METADATA_KEY
+from nchains.export._archive import canonical_archive, drop_provenance, fresh_jit_namespace, strip_compile_commands
+from nchains.export.artifacts import FILES, METADATA_KEY
 
 __all__ = ["ExportError", "FORMATS"]
 
 #: Accepted format names (and aliases) -> canonical name.
 FORMATS = {"torchscript": "torchscript", "ts": "torchscript", "onnx": "onnx", "pt2": "pt2",
-           "export": "pt2", "torch.export": "pt2"}
+           "export": "pt2", "torch.export": "pt2", "aoti": "aoti", "aotinductor": "aoti"}
 _INPUT, _OUTPUT = "input", "logits"
 
 
@@ -66,7 +69,7 @@ def _no_nchains(fmt: str, names) -> None:
 # ---- TorchScript -----------------------------------------------------------------------------
 
 def _ts_prepare(gm: fx.GraphModule, example: torch.Tensor):
-    with _quiet():
+    with _quiet(), fresh_jit_namespace():  # class names as in a fresh process: reproducible bytes
         try:
             return torch.jit.script(gm), "torch.jit.script"
         except Exception:  # noqa: BLE001 - scripting is stricter than tracing; tracing is exact here
@@ -77,7 +80,7 @@ def _ts_serialize(module, meta: str) -> bytes:
     buf = io.BytesIO()
     with _quiet():
         torch.jit.save(module, buf, _extra_files={METADATA_KEY: meta})
-    return buf.getvalue()
+    return canonical_archive(buf.getvalue())
 
 
 def _ts_load(data: bytes):
@@ -153,6 +156,7 @@ def _pt2_prepare(gm: fx.GraphModule, example: torch.Tensor):
     batch = torch.export.Dim("batch", min=1)
     with _quiet():
         program = torch.export.export(gm, (example,), dynamic_shapes=({0: batch},))
+    drop_provenance(program)  # object ids and addresses: the same chain would give other bytes
     return program, "torch.export.export"
 
 
@@ -160,7 +164,7 @@ def _pt2_serialize(program, meta: str) -> bytes:
     buf = io.BytesIO()
     with _quiet():
         torch.export.save(program, buf, extra_files={METADATA_KEY: meta})
-    return buf.getvalue()
+    return canonical_archive(buf.getvalue())
 
 
 def _pt2_load(data: bytes):
@@ -171,6 +175,49 @@ def _pt2_load(data: bytes):
 
 def _pt2_plain(program) -> None:
     _no_nchains("pt2", [str(n.target) for n in program.graph.nodes if n.op == "call_function"])
+
+
+# ---- AOTInductor package (aoti) -------------------------------------------------------------
+
+#: Inductor options of the package: weights frozen into the compiled code (constant-folded,
+#: prepacked for oneDNN) and stored inside the shared library, one file to deploy.
+_AOTI_CONFIGS = {"freezing": True, "aot_inductor.package_constants_in_so": True}
+
+
+@dataclass
+class _Package:
+    """An AOTInductor package before its metadata is added."""
+
+    program: Any  # the torch.export program it was compiled from
+    data: bytes  # the package as aoti_compile_and_package wrote it
+
+
+def _aoti_prepare(gm: fx.GraphModule, example: torch.Tensor):
+    program, _ = _pt2_prepare(gm, example)  # dynamic batch (min 1), as pt2
+    with tempfile.TemporaryDirectory(prefix="nchains-aoti-") as tmp, _quiet():
+        path = os.path.join(tmp, FILES["aoti"])
+        torch._inductor.aoti_compile_and_package(program, package_path=path, inductor_configs=dict(_AOTI_CONFIGS))
+        with open(path, "rb") as f:
+            data = f.read()
+    return _Package(program, data), "torch._inductor.aoti_compile_and_package"
+
+
+def _aoti_serialize(package: _Package, meta: str) -> bytes:
+    # the package format takes extra files like pt2 (extra/nchains.json); the C++ loader ignores them
+    return canonical_archive(package.data, strip_compile_commands, extra={f"extra/{METADATA_KEY}": meta.encode()})
+
+
+def _aoti_load(data: bytes):
+    # aoti_load_package needs a path; the loader extracts the library elsewhere and keeps it loaded
+    with tempfile.TemporaryDirectory(prefix="nchains-aoti-") as tmp, _quiet():
+        path = os.path.join(tmp, FILES["aoti"])
+        with open(path, "wb") as f:
+            f.write(data)
+        return torch._inductor.aoti_load_package(path)
+
+
+def _aoti_plain(package: _Package) -> None:
+    _no_nchains("aoti", [str(n.target) for n in package.program.graph.nodes if n.op == "call_function"])
 
 
 _EXPORTERS: Dict[str, _Exporter] = {
@@ -184,4 +231,7 @@ _EXPORTERS: Dict[str, _Exporter] = {
                       channel_multiple=8, max_pool="native"),
     "pt2": _Exporter(_pt2_prepare, _pt2_serialize, _pt2_load, _pt2_plain, channel_multiple=8,
                      memory_format="auto"),
+    # Inductor compiles the same graph as pt2 (its convs are oneDNN's too)
+    "aoti": _Exporter(_aoti_prepare, _aoti_serialize, _aoti_load, _aoti_plain, channel_multiple=8,
+                      memory_format="auto"),
 }

@@ -81,7 +81,7 @@ def test_files_and_manifest(exported, setup):
     layer = manifest["layers"]["grp"]
     assert layer["kept"] == chain.kept["grp"] and layer["total"] == 24
     c = manifest["compact"]
-    assert 0 < c["flops"] < c["original_flops"] and 0 < c["params"] < c["original_params"]
+    assert 0 < c["macs"] < c["original_macs"] and 0 < c["params"] < c["original_params"]
 
 
 def test_metadata_embedded_in_every_artifact(exported):
@@ -113,7 +113,7 @@ def test_onnx_runtime_and_checker(exported, setup):
 def test_onnx_convs_padded_to_channel_blocks(exported, setup):
     """The ONNX artifact's ungrouped convs have channel counts in blocks of 8 (onnxruntime's
     NCHWc kernels, and oneDNN's blocked kernels behind CPU PyTorch for the other formats); the
-    zero channels are counted in each artifact's FLOPs, not in the compact model's."""
+    zero channels are counted in each artifact's MACs, not in the compact model's."""
     out, manifest = exported
     proto = onnx.load(str(out / "chain.onnx"))
     weights = {t.name: list(t.dims) for t in proto.graph.initializer}
@@ -122,7 +122,7 @@ def test_onnx_convs_padded_to_channel_blocks(exported, setup):
     assert shapes and all(o % 8 == 0 and (i % 8 == 0 or i == 3) for o, i, *_ in shapes)
     formats = manifest["verification"]["formats"]
     assert {f: formats[f]["channel_multiple"] for f in FILES} == {f: 8 for f in FILES}
-    assert all(formats[f]["flops"] == formats["onnx"]["flops"] > manifest["compact"]["flops"] for f in FILES)
+    assert all(formats[f]["macs"] == formats["onnx"]["macs"] > manifest["compact"]["macs"] for f in FILES)
     ts = torch.jit.load(str(out / "chain.ts"))
     ts_convs = [m for _, m in ts.named_modules() if m.original_name == "Conv2d" and m.groups == 1]
     assert ts_convs and all(m.weight.shape[0] % 8 == 0 for m in ts_convs)
@@ -303,7 +303,7 @@ def test_inspect_reports_and_detects_tampering(exported, tmp_path):
     assert report["ok"] and report["kind"] == "export"
     assert [c["status"] for c in report["checks"]] == ["verified"] * 3
     text = format_report(report)
-    for needle in ("parameters", "FLOPs", "ratio", "class0", "grp", "verified", "status: OK"):
+    for needle in ("parameters", "MACs", "ratio", "class0", "grp", "verified", "status: OK"):
         assert needle in text
     for file in FILES.values():
         assert inspect_artifact(out / file)["ok"]

@@ -1,11 +1,14 @@
 // nchains_client: what a libtorch inference server does with an exported chain.
 //
-// Usage: nchains_client MODEL.ts INPUT [--metadata] [--threads N]
+// Usage: nchains_client MODEL INPUT [--threads N] | nchains_client MODEL --metadata
 //
-// Loads the TorchScript artifact written by `nchains export` (no Python, no nchains), reads
-// one input batch and prints the logits: one line per sample, values separated by spaces,
-// printed with 9 significant digits (enough to round-trip float32). --metadata prints the
-// JSON metadata embedded in the artifact (extra file "nchains.json") instead.
+// Loads an artifact written by `nchains export` (no Python, no nchains), chosen by its suffix:
+//   chain.ts        TorchScript, with torch::jit::load;
+//   chain.aoti.pt2  AOTInductor package (`--formats ...,aoti`), with
+//                   torch::inductor::AOTIModelPackageLoader (compiled code, frozen weights);
+// reads one input batch and prints the logits: one line per sample, values separated by
+// spaces, printed with 9 significant digits (enough to round-trip float32). --metadata prints
+// the JSON metadata embedded in the artifact (extra file "nchains.json") instead.
 //
 // INPUT is either
 //   - a tensor saved from Python with torch.save(x, path) (read with torch::pickle_load), or
@@ -14,6 +17,8 @@
 // The tensor must be float32 [N, C, H, W] preprocessed as the manifest's "input" says.
 #include <torch/script.h>
 #include <torch/serialize.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+#include <caffe2/serialize/inline_container.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
@@ -78,6 +83,40 @@ torch::Tensor read_input(const std::string& path) {
   throw std::runtime_error("input file is neither an NCT1 raw tensor nor a torch.save'd tensor");
 }
 
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// The nchains metadata of an AOTInductor package: its zip record extra/nchains.json.
+std::string package_metadata(const std::string& path) {
+  caffe2::serialize::PyTorchStreamReader reader(path);
+  if (!reader.hasRecord("extra/nchains.json")) throw std::runtime_error(path + " has no extra/nchains.json");
+  auto [data, size] = reader.getRecord("extra/nchains.json");
+  return std::string(static_cast<const char*>(data.get()), size);
+}
+
+// Logits [N, classes] of the artifact at `model_path` on `x`, or its metadata when x is undefined.
+torch::Tensor run_artifact(const std::string& model_path, const torch::Tensor& x, std::string* metadata) {
+  if (ends_with(model_path, ".pt2")) {  // AOTInductor package (a torch.export .pt2 holds no compiled code)
+    if (metadata) {
+      *metadata = package_metadata(model_path);
+      return {};
+    }
+    torch::inductor::AOTIModelPackageLoader loader(model_path);
+    std::vector<torch::Tensor> out = loader.run({x});
+    if (out.size() != 1) throw std::runtime_error("package returned " + std::to_string(out.size()) + " outputs");
+    return out[0];
+  }
+  torch::jit::ExtraFilesMap extra{{"nchains.json", ""}};
+  torch::jit::Module module = torch::jit::load(model_path, torch::kCPU, extra);
+  module.eval();
+  if (metadata) {
+    *metadata = extra["nchains.json"];
+    return {};
+  }
+  return module.forward({x}).toTensor();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -100,21 +139,20 @@ int main(int argc, char** argv) {
     }
   }
   if (model_path.empty() || (input_path.empty() && !metadata)) {
-    std::cerr << "usage: nchains_client MODEL.ts INPUT [--threads N] | nchains_client MODEL.ts --metadata\n";
+    std::cerr << "usage: nchains_client MODEL.ts|MODEL.aoti.pt2 INPUT [--threads N] | nchains_client MODEL --metadata\n";
     return 2;
   }
   try {
     if (threads > 0) at::set_num_threads(threads);
-    torch::jit::ExtraFilesMap extra{{"nchains.json", ""}};
-    torch::jit::Module module = torch::jit::load(model_path, torch::kCPU, extra);
-    module.eval();
     if (metadata) {
-      std::cout << extra["nchains.json"] << std::endl;
+      std::string text;
+      run_artifact(model_path, {}, &text);
+      std::cout << text << std::endl;
       return 0;
     }
     torch::Tensor x = read_input(input_path);
     torch::NoGradGuard no_grad;
-    torch::Tensor logits = module.forward({x}).toTensor().to(torch::kFloat32).contiguous();
+    torch::Tensor logits = run_artifact(model_path, x, nullptr).to(torch::kFloat32).contiguous();
     if (logits.dim() != 2) throw std::runtime_error("model output is not [N, classes]");
     const float* data = logits.data_ptr<float>();
     const int64_t rows = logits.size(0), cols = logits.size(1);
