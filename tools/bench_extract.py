@@ -198,7 +198,7 @@ def alternating_steps(model, images, cfg: NeuroChainsConfig, steps: int, warmup:
     n_opt = scoring_optimizer(sm, cfg.lr)
 
     def n_step() -> float:  # extract()'s own scoring iteration
-        return _step(n_opt, lambda: scoring_loss(sm, images, target_logp, cfg.lam, cfg.lam_gate))[0]
+        return float(_step(n_opt, lambda: scoring_loss(sm, images, target_logp, cfg.lam, cfg.lam_gate))[0])
 
     hk = HookedNeuroChains(model, images, baseline_config(cfg))  # after nchains' tracing
     b_opt = torch.optim.Adam(hk.score_list + hk.alpha_list, lr=cfg.lr)

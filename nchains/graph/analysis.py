@@ -37,7 +37,7 @@ from nchains.graph.regions import Region, _regions
 from nchains.graph.units import ConvUnit, LinearUnit, _classifier, _conv_unit, _linear_unit
 
 __all__ = ["ChannelConcat", "ConvUnit", "LinearUnit", "ModelGraph", "Region", "ResidualAdd", "UnitDAG",
-           "analyze", "classify", "is_tensor", "shape_of"]
+           "analyze", "graph_for", "classify", "is_tensor", "shape_of"]
 
 Node = fx.Node
 
@@ -286,3 +286,23 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> ModelGraph:
     input_shape = tuple((meta if isinstance(meta, TensorMetadata) else example_input).shape)
     return ModelGraph(gm, layers, linears, regions, adds, concats, input_shape, classifier,
                       label_of, layer_of_label, kinds)
+
+
+def graph_for(model: nn.Module, input_shape: Sequence[int], graph: Optional[ModelGraph] = None, *,
+              example: Optional[torch.Tensor] = None, arg: str = "graph") -> ModelGraph:
+    """The analysis an entry point works on: ``graph`` when given (checked to be ``model``'s,
+    at ``input_shape``, in the model's dtype), else :func:`analyze` on ``example`` (default:
+    zeros ``[1, *input_shape]`` on the model's device, in its dtype). Puts ``model`` in eval mode.
+
+    Raises:
+        TypeError: when ``graph`` is not a ModelGraph or None.
+        ValueError: when ``graph`` belongs to another model, input shape or dtype.
+    """
+    from nchains._util.device import example_input, model_device_dtype
+
+    model.eval()
+    if graph is None:
+        return analyze(model, example if example is not None else example_input(model, input_shape))
+    if not isinstance(graph, ModelGraph):
+        raise TypeError(f"{arg} must be a ModelGraph (nchains.analyze) or None, got {type(graph).__name__}")
+    return graph.check_belongs(model, input_shape, model_device_dtype(model)[1], arg=arg)

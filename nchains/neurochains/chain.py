@@ -131,27 +131,29 @@ class Chain:
             raise ValueError(f"model weights hash {got[:12]}… differs from the chain's {self.model_hash[:12]}…: "
                              "the chain was extracted from another model")
 
-    def apply(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module, graph=None) -> nn.Module:
         """The masked model: ``model`` with the chain's scores and gates (removed filters output
         zero maps, removed regions are the identity). Same outputs as the extracted chain.
 
         Args:
-            model (nn.Module): the original model (weights must match ``model_hash``).
+            model (nn.Module): the original model (weights must match ``model_hash``), on any
+                device, in any float dtype: the masked model lives there too.
+            graph (ModelGraph): ``nchains.analyze(model, example)`` on inputs of the chain's
+                :attr:`input_shape`, to reuse one analysis (default: analysed here).
 
         Returns:
             nn.Module in eval mode mapping Tensor[N, *input_shape] to logits.
         """
-        from nchains.graph.analysis import analyze
+        from nchains._util.device import model_device_dtype
+        from nchains.graph.analysis import graph_for
         from nchains.instrument.scored_model import ScoredModel
 
         self.check_model(model)
-        model.eval()
-        example = torch.zeros(1, *self.input_shape, dtype=next(model.parameters()).dtype)
-        graph = analyze(model, example)
+        device, dtype = model_device_dtype(model)
+        graph = graph_for(model, self.input_shape, graph)
         sm = ScoredModel(graph, score_linear=bool(self.config.get("score_linear", False)),
                          temperature=float(self.config.get("temperature", 0.2)))
-        dtype = next(model.parameters()).dtype
-        sm.set_hard({k: v.to(dtype) for k, v in self.full_scores().items()}, dict(self.gates))
+        sm.set_hard({k: v.to(device=device, dtype=dtype) for k, v in self.full_scores().items()}, dict(self.gates))
         return sm.eval()
 
     # ---- reading -----------------------------------------------------------------------

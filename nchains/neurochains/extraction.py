@@ -19,10 +19,12 @@ from torch import nn
 from nchains import ops
 from nchains._util.io import hash_model, hash_tensor
 from nchains._util.memory import keep_freed_memory
-from nchains.graph.analysis import ModelGraph, analyze
+from nchains._util.device import model_device_dtype
+from nchains.graph.analysis import ModelGraph, graph_for
 from nchains.neurochains.chain import Chain
 from nchains.neurochains.config import NeuroChainsConfig
 from nchains.instrument.scored_model import ScoredModel
+from nchains.neurochains.phase import adam as _adam, run_phase as _run_phase, step as _step  # noqa: F401 (tools)
 
 
 def model_family(graph: ModelGraph) -> str:
@@ -49,34 +51,6 @@ def _kl(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     return F.kl_div(F.log_softmax(logits, dim=1), target_logp, log_target=True, reduction="batchmean")
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
-
-
-def _adam(params: List[torch.Tensor], lr: float) -> torch.optim.Adam:
-    """Adam for the flat score/gate tensors: the fused kernel where the device has one."""
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None)
-
-
-def _step(opt: torch.optim.Optimizer, loss_fn, grad_mask: Optional[torch.Tensor] = None) -> Tuple[float, float]:
-    """One iteration: zero grads, loss, backward, (mask the gradient of the first parameter),
-    Adam step; returns (loss, kl) as floats."""
-    opt.zero_grad(set_to_none=True)
-    loss, kl = loss_fn()
-    loss.backward()
-    if grad_mask is not None:
-        param = opt.param_groups[0]["params"][0]
-        if param.grad is not None:
-            param.grad.mul_(grad_mask)
-    opt.step()
-    return float(loss.detach()), float(kl)
-
-
 def scoring_loss(sm: ScoredModel, images: torch.Tensor, target_logp: torch.Tensor, lam: float, lam_gate: float):
     """The scoring phase's objective (Eq. 8): ``KL + lam * sum|S| + lam_gate * sum(alpha)``;
     returns ``(loss, kl.detach())``."""
@@ -91,28 +65,6 @@ def scoring_optimizer(sm: ScoredModel, lr: float) -> torch.optim.Adam:
     """The scoring phase's Adam over the flat scores and gate logits."""
     params = [sm.flat_scores] + ([sm.flat_gate_logits] if sm.flat_gate_logits.numel() else [])
     return _adam(params, lr)
-
-
-def _run_phase(opt: torch.optim.Optimizer, loss_fn, steps: int, stop_delta: Optional[float], stop_window: int,
-               desc: str, progress: bool, grad_mask: Optional[torch.Tensor] = None) -> List[float]:
-    """Up to ``steps`` iterations of ``opt`` on ``loss_fn``, stopping once the loss changed by
-    less than ``stop_delta`` over ``stop_window`` steps; returns the loss history."""
-    history: List[float] = []
-    bar = _progress(steps, desc, progress)
-    try:
-        for _ in range(steps):
-            value, kl = _step(opt, loss_fn, grad_mask)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4f}", kl=f"{kl:.4f}")
-            history.append(value)
-            if (stop_delta is not None and len(history) > stop_window
-                    and abs(history[-1 - stop_window] - value) < stop_delta):
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    return history
 
 
 def _threshold(sm: ScoredModel, graph: ModelGraph, tau: float) -> Tuple[Dict[str, torch.Tensor], Dict[str, int]]:
@@ -209,7 +161,7 @@ def strongest_paths(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Seque
 
 def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChainsConfig] = None, *,
             class_names: Optional[Sequence[str]] = None, progress: Optional[bool] = None,
-            model_spec: Optional[dict] = None, **overrides) -> Chain:
+            model_spec: Optional[dict] = None, graph: Optional[ModelGraph] = None, **overrides) -> Chain:
     """Extract the local inference chain of ``model`` on ``images`` (NeuroChains).
 
     Args:
@@ -221,6 +173,8 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
             is a terminal.
         model_spec (dict): how to rebuild the model later (stored in the chain, used by the CLI);
             None records ``{"kind": "default"}`` when ``model`` has the shipped model's weights.
+        graph (ModelGraph): ``nchains.analyze(model, images[:1])``, to reuse one analysis
+            (checked to be this model's, at the images' shape); default: analysed here.
         **overrides: NeuroChainsConfig fields, e.g. ``lam=0.01, steps=100, seed=1``.
 
     Returns:
@@ -246,8 +200,8 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         progress = sys.stderr.isatty()
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model.eval()
-    graph = analyze(model, images[:1])
+    images = images.to(model_device_dtype(model)[0])  # the hash and the chain do not depend on the device
+    graph = graph_for(model, images.shape[1:], graph, example=images[:1])
     family = model_family(graph)
     cfg = cfg.resolved(family)
     with torch.no_grad():
