@@ -40,7 +40,7 @@ from typing import Callable, List, Optional
 
 from nchains._util.io import fsync_dir, pause_for_test, pid_alive, unique_name, write_file
 
-__all__ = ["StagedFolder", "clean_leftovers", "check_destination"]
+__all__ = ["StagedFolder", "check_destination", "check_writable", "clean_leftovers"]
 
 _LEFTOVER = re.compile(r"^\.(?P<name>.+)\.nchains-(?P<kind>staging|old)-(?P<pid>\d+)-[0-9a-f]+$")
 _NO_EXCHANGE_ENV = "NCHAINS_TEST_NO_EXCHANGE"
@@ -93,19 +93,30 @@ def clean_leftovers(out: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def check_destination(out: str, problem: Problem) -> None:
+def check_destination(out: str, problem: Problem, arg: str = "out_dir") -> None:
     """Refuses a destination that is not a folder, or one ``problem`` says must not be replaced.
 
     Raises:
-        ValueError: naming ``out`` and why.
+        ValueError: naming ``arg``, ``out`` and why.
     """
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"out_dir {out!r} exists and is not a directory; give a folder (new or an earlier export)")
+        raise ValueError(f"{arg} {out!r} exists and is not a directory; give a folder (new or an earlier export)")
     if os.path.isdir(out):
         why = problem(out)
         if why is not None:
-            raise ValueError(f"out_dir {out!r} is a non-empty folder that is not an nchains export ({why}); "
+            raise ValueError(f"{arg} {out!r} is a non-empty folder that is not an nchains export ({why}); "
                              "refusing to replace it: give a new or empty folder")
+
+
+def check_writable(out, problem: Problem, arg: str = "out_dir") -> None:
+    """What :class:`StagedFolder` checks on entering (``out`` replaceable, a staging folder can be
+    made beside it), leaving nothing behind: for callers that want to fail before long work.
+
+    Raises:
+        ValueError: naming ``arg``, ``out`` and why.
+    """
+    with StagedFolder(out, problem, arg=arg):
+        pass
 
 
 class StagedFolder:
@@ -119,6 +130,7 @@ class StagedFolder:
         out (path): destination folder (its missing parents are created, mode 0o777 less the umask).
         problem (callable): ``problem(folder) -> None or str``; an existing non-empty ``out`` is
             replaced only when it returns None.
+        arg (str): how messages name ``out`` (``--out`` in the CLI).
 
     Example:
         >>> with StagedFolder("out", problem) as s:
@@ -126,22 +138,22 @@ class StagedFolder:
         ...     s.publish()
     """
 
-    def __init__(self, out, problem: Problem):
+    def __init__(self, out, problem: Problem, arg: str = "out_dir"):
         self.requested = os.fspath(out)
-        self.problem = problem
+        self.problem, self.arg = problem, arg
         self.out, self.parent, self.name = _split(self.requested)
         self.path: Optional[str] = None
         self._made: List[str] = []
 
     def __enter__(self) -> "StagedFolder":
-        check_destination(self.requested, self.problem)
+        check_destination(self.requested, self.problem, self.arg)
         clean_leftovers(self.out)
         self._make_parents()
         try:
             self.path = unique_name(self.parent, f".{self.name}.nchains-staging-", lambda p: os.mkdir(p, 0o777))
         except OSError as exc:
             self._remove_parents()
-            raise ValueError(f"out_dir {self.requested!r}: cannot write in {self.parent!r}: "
+            raise ValueError(f"{self.arg} {self.requested!r}: cannot write in {self.parent!r}: "
                              f"{exc.strerror or exc}") from None
         pause_for_test("staging-created")
         return self
@@ -156,7 +168,8 @@ class StagedFolder:
                 os.mkdir(folder, 0o777)
             except OSError as exc:
                 self._remove_parents()
-                raise ValueError(f"out_dir {self.requested!r}: cannot create {folder!r}: {exc.strerror or exc}") from None
+                raise ValueError(f"{self.arg} {self.requested!r}: cannot create {folder!r}: "
+                                 f"{exc.strerror or exc}") from None
             self._made.append(folder)
 
     def _remove_parents(self) -> None:
@@ -177,7 +190,7 @@ class StagedFolder:
     def publish(self) -> None:
         """Puts the set in place of ``out`` atomically and deletes the previous one."""
         fsync_dir(self.path)
-        check_destination(self.requested, self.problem)  # ``out`` may have changed during the work
+        check_destination(self.requested, self.problem, self.arg)  # ``out`` may have changed during the work
         pause_for_test("before-publish")
         staging, self.path = self.path, None
         if not os.path.lexists(self.out):

@@ -137,6 +137,7 @@ def _folder_images(args, chain, spec, model) -> torch.Tensor:
 def cmd_export(args) -> int:
     from nchains.neurochains.chain import Chain
     from nchains.export.exporter import _formats, export
+    from nchains.export.folder import check_export_destination
     from nchains.models.spec import load_model
 
     try:
@@ -148,6 +149,7 @@ def cmd_export(args) -> int:
     if args.images is None and (args.size is not None or args.preprocessing is not None):
         raise ValueError("--size/--preprocessing apply to --images DIR")
     check_output_dir(args.out)
+    check_export_destination(args.out, "--out")  # a file, a foreign folder or an unwritable parent: before the work
     chain = Chain.load(args.chain)
     spec = _spec(args, chain)
     model = load_model(spec)

@@ -8,7 +8,7 @@ manifest entry ``../other/chain.ts`` or ``/etc/passwd``).
 :func:`replace_problem` decides whether an existing folder may be replaced by a new export as a
 whole: only an empty folder or an earlier nchains export (its manifest, the artifacts it lists,
 nchains artifact names and the temporary files of earlier nchains versions), never a folder
-holding anything of the user's.
+holding anything of the user's. :func:`check_export_destination` checks that before any work.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import os
 import re
 from typing import Any, Dict, Optional
 
+from nchains._util.publish import check_writable
 from nchains.export.artifacts import EXPORT_FORMAT, FILES, MANIFEST
 
-__all__ = ["artifact_path", "manifest_artifacts", "replace_problem"]
+__all__ = ["artifact_path", "check_export_destination", "manifest_artifacts", "replace_problem"]
 
 # temporary files written inside an export folder by earlier nchains versions and by write_atomic
 _OUR_TEMPS = re.compile(r"^\.tmp-.+|^\..+\.nchains-tmp-\d+-[0-9a-f]+$")
@@ -106,3 +107,10 @@ def replace_problem(folder: str) -> Optional[str]:
     if foreign:
         return f"it holds {', '.join(map(repr, foreign[:3]))}{' …' if len(foreign) > 3 else ''} besides an export"
     return None
+
+
+def check_export_destination(out_dir, arg: str = "out_dir") -> None:
+    """ValueError (naming ``arg``) unless an export can be published at ``out_dir``: a new
+    folder, an empty one or an earlier export, with a parent that accepts a staging folder.
+    Leaves nothing behind; :func:`nchains.export` checks the same before its work."""
+    check_writable(out_dir, replace_problem, arg)
