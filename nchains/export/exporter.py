@@ -4,7 +4,9 @@
 requested format, re-loads every artifact from its serialized bytes and compares it with the
 masked model ``chain.apply(model)`` on the chain's images and on random inputs, at several
 batch sizes. Only when every format passes is anything written: ``chain.ts``, ``chain.onnx``,
-``chain.pt2`` and ``manifest.json`` (each atomically). The same metadata (chain summary, kept
+``chain.pt2`` and ``manifest.json`` go into a staging folder beside the destination, which then
+replaces it in one atomic step (:mod:`nchains._util.publish`), so the destination always holds
+one complete export. The same metadata (chain summary, kept
 filters, class names, input and preprocessing, weights hash, verification figures) is embedded
 in every artifact: TorchScript, pt2 and AOTInductor extra file ``nchains.json``, ONNX
 ``metadata_props``. The per-format code is in :mod:`nchains.export.formats`.
