@@ -63,6 +63,27 @@ def test_every_relu_call_is_its_own_site_with_the_value_of_that_call(resnet18):
     assert labels["layer1.0.relu@1"] == "L1B1" and labels["layer3.0.relu@1"] == "L3B1"
 
 
+def test_bottleneck_relu_called_three_times_gives_three_sites():
+    torch.manual_seed(0)
+    model = _randomize_bn(torchvision.models.resnet50(num_classes=10))
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    graph = analyze(model, x)
+    calls, handles = _record_calls(model.layer3[1], nn.ReLU)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    chosen = [s for s in sites(graph) if s.module == "layer3.1.relu"]
+    assert [s.key for s in chosen] == ["layer3.1.relu", "layer3.1.relu@1", "layer3.1.relu@2"]
+    assert [s.label for s in chosen] == ["L3B2C1", "L3B2C2", "L3B2"]
+    with torch.no_grad():
+        _, values = tap(graph, chosen)(x)
+    for s in chosen:
+        torch.testing.assert_close(values[s.key], calls["relu"][s.call], rtol=0, atol=0, msg=s.key)
+
+
 def test_gradients_at_the_two_calls_of_one_relu_match_per_call_hook_autograd(resnet18):
     model, x, graph = resnet18
     kept, count = {}, defaultdict(int)
