@@ -1,5 +1,6 @@
 """The C++ client (tools/cpp_client) builds against the libtorch of the torch wheel, loads
-chain.ts and prints the same logits as PyTorch: what a libtorch inference server does."""
+chain.ts (torch::jit) or chain.aoti.pt2 (AOTIModelPackageLoader) and prints the same logits as
+PyTorch: what a libtorch inference server does."""
 
 import json
 import os
@@ -85,3 +86,36 @@ def test_client_reads_metadata_and_rejects_bad_input(client, artifact, tmp_path)
     bad.write_bytes(b"NCT1\x04\x00\x00\x00" + b"\x01" * 7)
     proc = subprocess.run([str(client), str(path), str(bad)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "truncated" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def aoti_artifact(tmp_path_factory):
+    model = mixed_net()
+    x = torch.randn(4, 3, 16, 16)
+    chain = make_chain(model, x, seed=5, p_gate=1.0, p_dead=0.0)
+    out = tmp_path_factory.mktemp("export_aoti")
+    manifest = export(chain, model, out, formats="aoti", images=x)
+    return out / "chain.aoti.pt2", manifest, chain, model
+
+
+@pytest.mark.parametrize("batch", [1, 6])
+def test_client_runs_aoti_package(client, aoti_artifact, tmp_path, batch):
+    """chain.aoti.pt2 through torch::inductor::AOTIModelPackageLoader: the logits of the
+    package in Python and of the masked model, at batch 1 and larger (dynamic batch)."""
+    path, _, chain, model = aoti_artifact
+    x = torch.randn(batch, 3, 16, 16)
+    inp = tmp_path / "x.bin"
+    _write_raw(inp, x)
+    got = torch.from_numpy(np.loadtxt(_run(client, path, inp).splitlines(), ndmin=2))
+    with torch.no_grad():
+        compiled = torch._inductor.aoti_load_package(str(path))(x).double()
+        masked = chain.apply(model)(x).double()
+    assert got.shape == (batch, 7)
+    assert float((got - compiled).abs().max()) <= 1e-6 * float(compiled.abs().max())
+    assert float((got - masked).abs().max()) <= 1e-4 * float(masked.abs().max())
+
+
+def test_client_reads_aoti_metadata(client, aoti_artifact):
+    path, manifest, _, _ = aoti_artifact
+    meta = json.loads(_run(client, path, "--metadata"))
+    assert meta == json.loads(json.dumps({k: v for k, v in manifest.items() if k != "artifacts"}))
