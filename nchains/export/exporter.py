@@ -139,7 +139,6 @@ def _validate(chain: Chain, model: nn.Module, out_dir: PathLike, formats, images
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
-    check_destination(out_dir, replace_problem)
     fmts = _formats(formats)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 2:
         raise ValueError(f"n_random must be an int >= 2, got {n_random!r}")
@@ -147,7 +146,9 @@ def _validate(chain: Chain, model: nn.Module, out_dir: PathLike, formats, images
         raise TypeError(f"images_note must be a str or None, got {type(images_note).__name__}")
     if preprocessing is not None and not isinstance(preprocessing, (dict, str)):
         raise TypeError(f"preprocessing must be a dict, a str or None, got {type(preprocessing).__name__}")
-    return out_dir, fmts, _check_images(images, chain)
+    images = _check_images(images, chain)
+    check_destination(out_dir, replace_problem)  # a file or a foreign folder; writability: StagedFolder
+    return out_dir, fmts, images
 
 
 @dataclass

@@ -249,9 +249,12 @@ def test_failed_verification_writes_nothing(setup, tmp_path, monkeypatch):
     # an existing export is left untouched
     out.mkdir()
     (out / "chain.ts").write_bytes(b"old")
+    old_manifest = json.dumps({"format": "nchains.export", "artifacts": {"torchscript": {"file": "chain.ts"}}})
+    (out / "manifest.json").write_text(old_manifest)
     with pytest.raises(ExportError):
         export(chain, model, out, formats="pt2", images=x)
-    assert sorted(os.listdir(out)) == ["chain.ts"] and (out / "chain.ts").read_bytes() == b"old"
+    assert sorted(os.listdir(out)) == ["chain.ts", "manifest.json"] and (out / "chain.ts").read_bytes() == b"old"
+    assert (out / "manifest.json").read_text() == old_manifest and os.listdir(tmp_path) == ["out"]
 
 
 def test_exporter_exception_names_format(setup, tmp_path, monkeypatch):
@@ -280,14 +283,16 @@ def test_bad_arguments(setup, tmp_path):
         export(chain, model, 3)
     with pytest.raises(ValueError, match=r"images must have shape \[N, 3, 16, 16\]"):
         export(chain, model, tmp_path, images=torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="not an nchains export"):  # tmp_path holds a file of the user's
+        export(chain, model, tmp_path)
     with pytest.raises(ValueError, match="class_names must have 7"):
-        export(chain, model, tmp_path, class_names=["a"])
+        export(chain, model, tmp_path / "out", class_names=["a"])
     with pytest.raises(ValueError, match="n_random"):
-        export(chain, model, tmp_path, n_random=1)
+        export(chain, model, tmp_path / "out", n_random=1)
     with pytest.raises(ValueError, match="hash"):
-        export(chain, mixed_net(seed=1), tmp_path)
+        export(chain, mixed_net(seed=1), tmp_path / "out")
     with pytest.raises(TypeError, match="chain"):
-        export(None, model, tmp_path)
+        export(None, model, tmp_path / "out")
     assert os.listdir(tmp_path) == ["file"]
 
 
