@@ -101,6 +101,10 @@ def check_destination(out: str, problem: Problem, arg: str = "out_dir") -> None:
     """
     if os.path.lexists(out) and not os.path.isdir(out):
         raise ValueError(f"{arg} {out!r} exists and is not a directory; give a folder (new or an earlier export)")
+    real, cwd = os.path.realpath(out), os.path.realpath(os.getcwd())
+    if os.path.dirname(real) == real or os.path.commonpath([real, cwd]) == real:
+        # replacing it would delete the folder this process (and the user's shell) works in
+        raise ValueError(f"{arg} {out!r} is the current folder, one above it or the root; give a folder below it")
     if os.path.isdir(out):
         why = problem(out)
         if why is not None:

@@ -175,6 +175,16 @@ def test_staged_folder_publishes_whole_set_with_umask(tmp_path, monkeypatch, exc
         assert oct(os.stat(f).st_mode & 0o777) == oct(file_mode)
 
 
+def test_refuses_current_folder_and_above(tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    for out in (".", "..", str(tmp_path), "/"):
+        with pytest.raises(ValueError, match="is the current folder, one above it or the root"):
+            with StagedFolder(out, lambda folder: None):
+                pass
+    assert os.listdir(tmp_path) == ["work"] and os.listdir(tmp_path / "work") == []
+
+
 def test_failed_work_leaves_nothing(tmp_path):
     out = tmp_path / "new" / "out"
     with pytest.raises(RuntimeError):
