@@ -181,7 +181,9 @@ def inspect_artifact(path: PathLike) -> Dict[str, Any]:
         and ``ok`` (False when any artifact is missing, unreadable or tampered).
 
     Raises:
-        ValueError: when ``path`` does not exist or is none of the above.
+        ValueError: when ``path`` does not exist or is none of the above, or when its manifest
+            names an artifact by anything but a plain file name inside its folder (``../x``, an
+            absolute path, a symlink leaving the folder): such a file is never read or hashed.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
