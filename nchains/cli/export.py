@@ -28,7 +28,9 @@ def add_command(subparsers) -> None:
                     "chain.aoti.pt2 with --formats ...,aoti) and manifest.json into --out. The chain knows its "
                     "model; --model/--weights override it.")
     p.add_argument("chain", help="chain JSON written by `nchains extract` (or Chain.save)")
-    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new (created), empty, or an earlier export, which is replaced as a whole in "
+                        "one atomic step; a folder holding other files is refused")
     p.add_argument("--formats", default=_DEFAULT_FORMATS,
                    help="comma-separated formats among ts (TorchScript), onnx, pt2 (torch.export), aoti (AOTInductor "
                         "package chain.aoti.pt2: compiled with the C++ compiler, a minute or more; e.g. "
