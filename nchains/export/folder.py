@@ -23,8 +23,9 @@ from nchains.export.artifacts import EXPORT_FORMAT, FILES, MANIFEST
 
 __all__ = ["artifact_path", "check_export_destination", "manifest_artifacts", "replace_problem"]
 
-# temporary files written inside an export folder by earlier nchains versions and by write_atomic
-_OUR_TEMPS = re.compile(r"^\.tmp-.+|^\..+\.nchains-tmp-\d+-[0-9a-f]+$")
+# temporary files written inside an export folder by earlier nchains versions, by write_atomic and
+# by the CLI's writability probe (nchains.cli._outputs), left there when a run was killed
+_OUR_TEMPS = re.compile(r"^\.tmp-.+|^\..+\.nchains-tmp-\d+-[0-9a-f]+$|^\.nchains-probe-\w+$")
 
 
 def _plain_name(name: Any) -> bool:

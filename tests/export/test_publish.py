@@ -227,6 +227,9 @@ def test_replace_problem(setup, tmp_path):
     assert "manifest.json" in replace_problem(str(user))
     mixed = tmp_path / "mixed"
     shutil.copytree(old, mixed)
+    for leftover in (".nchains-probe-k2x_9q", ".tmp-abc123chain.ts", f".manifest.json.nchains-tmp-{os.getpid()}-0f"):
+        (mixed / leftover).write_text("")  # what killed runs of nchains left inside an export
+    assert replace_problem(str(mixed)) is None
     (mixed / "notes.txt").write_text("mine")
     assert "'notes.txt'" in replace_problem(str(mixed))
     (mixed / "notes.txt").unlink()
