@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -95,8 +96,12 @@ def _check_args(args) -> None:
         for flag, value in (("--size", args.size), ("--preprocessing", args.preprocessing)):
             if value is not None:
                 raise ValueError(f"{flag} applies to --images DIR (the shipped images are Fashion-MNIST's 28x28)")
-    elif args.confident is not None:
-        raise ValueError("--confident applies to the shipped images only, not to --images DIR")
+    else:
+        if not os.path.isdir(args.images):
+            what = "is not a folder" if os.path.exists(args.images) else "does not exist"
+            raise ValueError(f"--images {args.images!r} {what}; expected a folder of images or of class sub-folders")
+        if args.confident is not None:
+            raise ValueError("--confident applies to the shipped images only, not to --images DIR")
 
 
 def _in_channels(model) -> int:

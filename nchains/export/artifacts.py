@@ -196,6 +196,12 @@ def inspect_artifact(path: PathLike) -> Dict[str, Any]:
     if kind == "json":
         data = _load_json(path)
         if isinstance(data, dict) and data.get("format") == "nchains.chain":
+            from nchains.neurochains.chain import Chain
+
+            try:  # a malformed chain is bad input (one-line error), not a failed verification
+                Chain.from_dict(data)
+            except ValueError as exc:
+                raise ValueError(f"{path}: {exc}") from None
             return {"kind": "chain", "path": path, "metadata": data, "checks": [], "ok": True}
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise ValueError(f"path {path!r} is neither an nchains export manifest nor a chain JSON")
