@@ -16,13 +16,16 @@ where a member's *content* differs, and measured here those contents were:
 - torch.export ``models/model.json``: every node's ``from_node`` provenance holds ``id()``
   values and ``repr``s with memory addresses (``<function relu at 0x7f...>``);
 - AOTInductor sources: a freshly compiled ``*.cpp`` ends with comments giving the compile and
-  link commands, which name the cache folder (a cached compile leaves them out).
+  link commands, which name the cache folder (a cached compile leaves them out). The kernel
+  source's first line and the compiled library also name the Inductor cache folder, so a
+  package is reproducible only when compiled in the same one (measured: two fresh compiles in
+  the same folder give the same bytes, in two folders different ``.so`` bytes).
 
 :func:`rewrite` copies an archive record by record through libtorch's own reader and writer
 (so alignment and layout stay what every loader expects), applying an edit per record;
 :func:`canonical_archive` is that copy with the edits above (and :func:`strip_compile_commands`
-for AOTInductor packages). ONNX protobufs
-have no such sources here: the same graph serializes to the same bytes.
+for AOTInductor packages). ONNX protobufs have no such sources here: the same graph
+serializes to the same bytes.
 """
 
 from __future__ import annotations
@@ -88,8 +91,8 @@ def _sorted_runs(lines: List[bytes], pattern: "re.Pattern[bytes]") -> List[bytes
 
 
 def _key_map(records: Iterable[bytes]) -> Dict[bytes, bytes]:
-    """fx code names ``<eval_with_key>.<k>`` in order of first use -> ``.0``, ``.1``, ... (what a
-    fresh process writes for the same graph)."""
+    """fx code names ``<eval_with_key>.<k>`` in order of first appearance in the archive ->
+    ``.0``, ``.1``, ... (the same numbers whatever the process counted before)."""
     order: Dict[bytes, bytes] = {}
     for record in records:
         for m in _KEY.finditer(record):

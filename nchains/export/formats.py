@@ -4,7 +4,8 @@ One :class:`_Exporter` per format (TorchScript, ONNX, torch.export ``pt2``, AOTI
 ``aoti``) prepares the program, checks it holds no nchains op, serializes it with the metadata
 JSON embedded, and loads it back from those bytes for verification. :data:`FORMATS` maps the
 accepted names and aliases to the canonical names; :data:`FILES` (in :mod:`.artifacts`) names
-each file.
+each file. The zip formats are written through :mod:`._archive`, so the same chain and model give
+the same bytes (AOTInductor: when compiled in the same Inductor cache folder).
 """
 
 from __future__ import annotations

@@ -66,15 +66,21 @@ def test_format_names_and_defaults():
 
 # ---- reproducible bytes: the sources, one by one -------------------------------------------
 
+def _serialized(fmt, x, times):
+    """(bytes of ``times`` exports of a fresh fx graph each, the last graph)."""
+    exporter, blobs = formats_mod._EXPORTERS[fmt], []
+    for _ in range(times):
+        gm = _graph()
+        program, _ = exporter.prepare(gm, x)
+        blobs.append(exporter.serialize(program, "{}"))
+    return blobs, gm
+
+
 def test_torchscript_bytes_do_not_depend_on_earlier_exports():
     """The second scripting in a process mangles class names and counts fx code names further;
     the serialized archive is the same bytes anyway, and it loads and computes the same."""
     x = torch.randn(2, 3, 8, 8)
-    blobs = []
-    for _ in range(3):
-        gm = _graph()
-        module, _ = formats_mod._ts_prepare(gm, x)
-        blobs.append(formats_mod._ts_serialize(module, "{}"))
+    blobs, gm = _serialized("torchscript", x, 3)
     assert len({_sha(b) for b in blobs}) == 1
     loaded = torch.jit.load(io.BytesIO(blobs[-1]))
     assert torch.equal(loaded(x), gm(x))
@@ -86,11 +92,7 @@ def test_torchscript_bytes_do_not_depend_on_earlier_exports():
 
 def test_pt2_bytes_do_not_depend_on_object_addresses():
     x = torch.randn(2, 3, 8, 8)
-    blobs = []
-    for _ in range(2):
-        gm = _graph()
-        program, _ = formats_mod._pt2_prepare(gm, x)
-        blobs.append(formats_mod._pt2_serialize(program, "{}"))
+    blobs, gm = _serialized("pt2", x, 2)
     assert blobs[0] == blobs[1]
     model_json = zipfile.ZipFile(io.BytesIO(blobs[0])).read("archive/models/model.json")
     assert b" at 0x" not in model_json and b"graph_id" not in model_json
