@@ -71,6 +71,8 @@ class _Emitter:
         self.full_cache: Dict[_State, fx.Node] = {}
         self.names: set = set()
         self.layers: Dict[str, Dict[str, Any]] = {}
+        # unit -> (node holding its computed channels first, those channels): self-check taps
+        self.taps: Dict[str, Any] = {}
         self.batch: Optional[fx.Node] = None
         self.input: Optional[fx.Node] = None
 

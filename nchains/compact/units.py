@@ -40,15 +40,21 @@ def _slice_bn(bn: nn.BatchNorm2d, idx: Sequence[Optional[int]]) -> nn.BatchNorm2
     return out.requires_grad_(False)
 
 
-def _unit_output(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], u: ConvUnit, score: torch.Tensor,
+def _pre_pad(x: torch.Tensor, u: ConvUnit) -> torch.Tensor:
+    """``x (Tensor[N, C, H, W])`` with the unit's asymmetric zero pre-pad (if any)."""
+    return F.pad(x, list(u.pre_pad)) if any(u.pre_pad) else x
+
+
+def _unit_output(conv, bn: Optional[nn.BatchNorm2d], u: ConvUnit, score: torch.Tensor,
                  act: Optional[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """``act(score * bn(conv(x)))`` for one batch-independent input ``x (Tensor[C, H, W])``,
-    in the model's dtype as the masked model computes it: ``Tensor[C_out, H_out, W_out]``."""
+    in the model's dtype as the masked model computes it: ``Tensor[C_out, H_out, W_out]``
+    (``conv``: the unit's :meth:`~nchains.graph.units.ConvUnit.params`)."""
     dtype = conv.weight.dtype
     with torch.no_grad():
         if _nonzero(x):
-            z = F.conv2d(x.unsqueeze(0).to(dtype), conv.weight, conv.bias, u.stride, u.padding, u.dilation,
-                         u.groups)
+            z = F.conv2d(_pre_pad(x.unsqueeze(0).to(dtype), u), conv.weight, conv.bias, u.stride, u.padding,
+                         u.dilation, u.groups)
         else:  # zero input: only the bias, the same at every pixel
             z = (conv.bias if conv.bias is not None else conv.weight.new_zeros(u.out_channels)).view(1, -1, 1, 1)
         if bn is not None:
@@ -81,7 +87,7 @@ class _UnitBuilder(_Emitter):
 
     def conv_unit(self, u: ConvUnit) -> _State:
         s_in: _State = self.env[u.input]
-        conv: nn.Conv2d = self.gm.get_submodule(u.conv)
+        conv = u.params(self.gm)  # what the conv computes with (a subclass may transform them)
         bn = self.gm.get_submodule(u.bn) if u.bn else None
         score = self._unit_scores(u.name, u.out_channels)
         act = copy.deepcopy(u.act_module) if u.act_module is not None else None
@@ -147,8 +153,8 @@ class _UnitBuilder(_Emitter):
         corr = None
         if _nonzero(s_in.const):
             ref_w = raw_w.double() if self.keep_scores else w64 * score.view(-1, 1, 1, 1)
-            maps = F.conv2d(s_in.const.unsqueeze(0).double(), ref_w, None, u.stride, u.padding, u.dilation,
-                            u.groups)[0]
+            maps = F.conv2d(_pre_pad(s_in.const.unsqueeze(0).double(), u), ref_w, None, u.stride, u.padding,
+                            u.dilation, u.groups)[0]
             corr = torch.zeros(len(slots), *maps.shape[1:], dtype=torch.float64)
             corr[real] = maps[o_real]
         keep_bias = self.keep_scores and conv.bias is not None
@@ -165,6 +171,8 @@ class _UnitBuilder(_Emitter):
                 new.bias[real] = conv.bias.detach()[o_real]
             elif new.bias is not None:
                 new.bias.copy_(bias.to(raw_w.dtype))
+        if any(u.pre_pad):  # asymmetric "same" padding: zeros keep padded channels zero
+            x = self.call(F.pad, x, list(u.pre_pad))
         target = self.module(new, u.conv)
         out = self.g.call_module(target, (x,))
         if corr is not None:
@@ -182,6 +190,7 @@ class _UnitBuilder(_Emitter):
             out = self.call(torch.index_select, out, 1, self.buffer(keep, f"{u.name}_out"))
         self.layers[u.name] = {"module": target, "out": live_out,
                                "in": [c for ins, _ in groups for c in ins]}
+        self.taps[u.name] = (out, live_out)
         return _State(out, live_out, const, out_pad)
 
     def _enlarging_pool(self, u: LinearUnit, s_in: _State) -> Optional[Tuple[fx.Node, torch.Tensor]]:
@@ -270,4 +279,5 @@ class _UnitBuilder(_Emitter):
         if act is not None:
             out = self.g.call_module(self.module(act, f"{u.name}_act"), (out,))
         self.layers[u.name] = {"module": target, "out": live_out, "in": list(s_in.live)}
+        self.taps[u.name] = (out, live_out)
         return _State(out, live_out, const)

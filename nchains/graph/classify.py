@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from nchains._util.paths import fetch
+from nchains.graph.conv_forward import overrides_forward
 
 Node = fx.Node
 
@@ -53,7 +54,7 @@ _METHODS = {
 }
 _CHANNEL_PRESERVING = ("act", "elementwise", "add", "concat", "pool", "affine")
 _SUPPORTED_TEXT = (
-    "supported: Conv2d (zero padding), BatchNorm2d with running stats, Linear, parameter-free "
+    "supported: Conv2d (zero padding, also a subclass padding with zeros in forward), BatchNorm2d with running stats, Linear, parameter-free "
     "activations (ReLU, ReLU6, SiLU, GELU, ...), dropout, max/avg/adaptive pooling, flatten/"
     "view/reshape, spatial mean, residual add, torch.cat on channels, elementwise arithmetic")
 
@@ -100,19 +101,15 @@ def _act_module(gm: fx.GraphModule, node: Node) -> nn.Module:
     return {"relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU}[kind]()
 
 
-def _explicit_padding(conv: nn.Conv2d, path: str) -> Tuple[int, int]:
-    if conv.padding_mode != "zeros":
-        raise ValueError(f"unsupported Conv2d {path!r}: padding_mode={conv.padding_mode!r}; "
-                         "only 'zeros' is supported")
-    if not isinstance(conv.padding, str):
-        return tuple(conv.padding)
-    if conv.padding == "valid":
-        return (0, 0)
-    totals = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
-    if any(t % 2 for t in totals):
-        raise ValueError(f"unsupported Conv2d {path!r}: padding='same' is asymmetric for "
-                         f"kernel_size={conv.kernel_size}, dilation={conv.dilation}")
-    return tuple(t // 2 for t in totals)
+def is_leaf(module: nn.Module) -> bool:
+    """True for a module the tracer keeps as one call: a Conv2d (exact or a subclass: a
+    subclass's own ``forward`` is read by :func:`nchains.graph.conv_forward.resolve_conv`, never
+    assumed from its attributes) or an exact instance of the other supported layer types. A
+    subclass of those that replaces ``forward`` is traced through, so its real ops are seen."""
+    if isinstance(module, nn.Conv2d):
+        return True
+    base = next((t for t in _LEAF_TYPES if isinstance(module, t)), None)
+    return base is not None and not overrides_forward(module, base)
 
 
 def _dims(arg, rank: int) -> Tuple[int, ...]:
@@ -131,7 +128,14 @@ def classify(gm: fx.GraphModule, node: Node) -> str:
     if node.op == "get_attr":
         value = fetch(gm, node.target)
         if isinstance(value, nn.Parameter):
-            raise _unsupported(node, f"parameter {node.target!r} is used directly (only the "
+            stack = node.meta.get("nn_module_stack") or {}
+            owner = next(reversed(stack.values()))[1] if stack else None  # (path, class) of the caller
+            owner = owner if isinstance(owner, type) else None
+            base = next((t for t in _LEAF_TYPES if owner is not None and issubclass(owner, t)), None)
+            why = (f" by {owner.__name__}, a {base.__name__} subclass with its own forward "
+                   f"(its attributes need not describe it; only Conv2d subclasses are read from their "
+                   f"forward)") if base is not None else ""
+            raise _unsupported(node, f"parameter {node.target!r} is used directly{why} (only the "
                                      "parameters of Conv2d, BatchNorm2d and Linear are supported)")
         return "constant"
     if node.op == "call_module":

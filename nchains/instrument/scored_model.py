@@ -27,6 +27,7 @@ from torch import fx, nn
 from nchains.instrument.fusion import plan_fusions
 from nchains.instrument.rewrite_parts import _FlatParts, _gate_value, _keys, _out_of_place, _own_copy
 from nchains.instrument.scored_units import _ScoredConv, _ScoredLinear, fold_bn64
+from nchains.instrument.self_check import check_scored
 from nchains._util.paths import fetch, missing, set_path
 from nchains.graph.analysis import ConvUnit, LinearUnit, ModelGraph
 
@@ -50,6 +51,10 @@ class ScoredModel(nn.Module):
             the shortcut, the ReLU after it and the block's gate) inside its last unit's
             fused op (:mod:`nchains._fusion`); same values, fewer passes. That unit's module
             then outputs the tail's result. The hard graph is never fused.
+        check (bool): self-check once built (:func:`nchains.instrument.self_check.check_scored`):
+            with scores 1 and every gate open, every unit's output and the logits must equal
+            the original model's on a small random input (one extra forward of each), else a
+            ValueError names the first diverging unit. Skip only where this graph was checked.
 
     Attributes:
         flat_scores (nn.Parameter): all scores, ``Tensor[sum C_out]``, init 1 (use
@@ -63,7 +68,7 @@ class ScoredModel(nn.Module):
     """
 
     def __init__(self, graph: ModelGraph, *, score_linear: bool = False, temperature: float = 0.2,
-                 fuse: bool = True):
+                 fuse: bool = True, check: bool = True):
         super().__init__()
         if not isinstance(graph, ModelGraph):
             raise TypeError(f"graph must be a ModelGraph from nchains.analysis.analyze, "
@@ -85,7 +90,7 @@ class ScoredModel(nn.Module):
             layer = gm.get_submodule(unit.first.target)
             if isinstance(unit, ConvUnit):
                 bn = gm.get_submodule(unit.bn) if unit.bn else None
-                root.units[key] = _ScoredConv(unit, layer, bn, self.temperature)
+                root.units[key] = _ScoredConv(unit, unit.params(gm), bn, self.temperature)
             else:
                 root.units[key] = _ScoredLinear(unit, layer)
             sizes.append(int(layer.weight.shape[0]))
@@ -112,6 +117,8 @@ class ScoredModel(nn.Module):
         self.net.register_buffer("hard_flat_scores", None)
         self.hard = False
         self.hard_gates: Dict[str, int] = {}
+        if check:
+            check_scored(self, graph)
 
     # ---- graph rewriting ------------------------------------------------------------
 
@@ -161,7 +168,7 @@ class ScoredModel(nn.Module):
                 gate_input = env[t.block_input] if t.region is not None else None
                 args = (env[u.input], score_of(u.name), logit, env[t.shortcut], gate_input, t.act)
                 value = tag(new.call_module(f"units.{self._score_keys[u.name]}", args), u.first,
-                            nchains_unit=u.name, nchains_gate=t.region)
+                            nchains_unit=u.name, nchains_gate=t.region, nchains_of=t.output.name)
                 env[node] = env[t.output] = value
                 continue
             if node in first:
@@ -172,7 +179,7 @@ class ScoredModel(nn.Module):
                 if gate is not None:
                     args.append(logit_of(gate))
                 value = tag(new.call_module(f"units.{key}", tuple(args)), node,
-                            nchains_unit=u.name, nchains_gate=gate)
+                            nchains_unit=u.name, nchains_gate=gate, nchains_of=u.last.name)
                 node = u.last
             else:
                 value = new.node_copy(node, lambda n: env[n])
@@ -188,7 +195,7 @@ class ScoredModel(nn.Module):
             if node in block_gate:
                 r = block_gate[node]
                 gated = new.call_function(_ops.gate, (value, env[r.input], logit_of(r.name), self.temperature))
-                env[node] = tag(gated, None, nchains_gate=r.name)
+                env[node] = tag(gated, None, nchains_gate=r.name, nchains_of=node.name)
         return new
 
     def _harden(self, removed: set) -> fx.Graph:

@@ -23,7 +23,10 @@ except ImportError:  # compiled extension not built: same semantics, unfused
 def fold_bn64(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d]
               ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Fold eval-mode BN into the conv in float64: ``w * s``, ``(b - mean) * s + beta``,
-    ``s = gamma / sqrt(var + eps)``; the bias is None when neither conv nor BN has one."""
+    ``s = gamma / sqrt(var + eps)``; the bias is None when neither conv nor BN has one.
+
+    ``conv`` is an ``nn.Conv2d`` or any object with its ``weight``/``bias`` (a unit's
+    :meth:`~nchains.graph.units.ConvUnit.params`: what a Conv2d subclass really convolves with)."""
     w = conv.weight.detach().double()
     b = None if conv.bias is None else conv.bias.detach().double()
     if bn is not None:
@@ -46,10 +49,13 @@ def _fold(conv: nn.Conv2d,
 
 
 class _ScoredConv(nn.Module):
-    """One unit: ``act(score * bn(conv(x)))``, optionally gated with its own input."""
+    """One unit: ``act(score * bn(conv(pad(x))))``, optionally gated with its own input.
 
-    def __init__(self, unit: ConvUnit, conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d],
-                 temperature: float):
+    ``conv`` is anything with the ``weight``/``bias`` the unit's conv computes with
+    (:meth:`ConvUnit.params`, or the Conv2d itself); ``pad`` is the unit's asymmetric zero
+    pre-pad (``unit.pre_pad``, none for most convs)."""
+
+    def __init__(self, unit: ConvUnit, conv, bn: Optional[nn.BatchNorm2d], temperature: float):
         super().__init__()
         weight, bias = _fold(conv, bn)
         if weight.device.type == "cpu" and weight.dtype == torch.float32:
@@ -61,6 +67,7 @@ class _ScoredConv(nn.Module):
         self.register_buffer("bias", bias)
         self.stride, self.padding, self.dilation = unit.stride, unit.padding, unit.dilation
         self.groups, self.temperature = unit.groups, temperature
+        self.pre_pad = list(unit.pre_pad) if any(unit.pre_pad) else None
         self.fused = unit.act in (None, "relu")
         self.activation = "relu" if unit.act == "relu" else "none"
         self.act = None if self.fused else copy.deepcopy(unit.act_module)
@@ -71,6 +78,10 @@ class _ScoredConv(nn.Module):
         """``act(score * bn(conv(x)))``, gated with ``x`` by ``gate_logit``; a fused residual
         tail passes ``residual`` (added before ``activation``) and ``gate_input`` (the block's
         input the gate blends with)."""
+        if self.pre_pad is not None:  # the gate blends with the unpadded input
+            if gate_logit is not None and gate_input is None:
+                gate_input = x
+            x = F.pad(x, self.pre_pad)
         if self.fused:
             return _ops.masked_conv2d(
                 x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
@@ -79,7 +90,8 @@ class _ScoredConv(nn.Module):
         y = self.act(_ops.masked_conv2d(
             x, self.weight, self.bias, score, stride=self.stride, padding=self.padding,
             dilation=self.dilation, groups=self.groups, activation="none"))
-        return y if gate_logit is None else _ops.gate(y, x, gate_logit, self.temperature)
+        return y if gate_logit is None else _ops.gate(y, x if gate_input is None else gate_input,
+                                                      gate_logit, self.temperature)
 
 
 class _ScoredLinear(nn.Module):
