@@ -65,3 +65,17 @@ def digits_region(classes=(3, 8), per_class=10):
     hx, hy = x[1500:], y[1500:]
     idx = torch.cat([torch.nonzero(hy == c).flatten()[:per_class] for c in classes])
     return hx[idx], hy[idx]
+
+
+def random_digits_net(seed: int = 0) -> DigitsNet:
+    """DigitsNet with seeded random weights and BatchNorm statistics, untrained: every model has
+    chains, and building one costs nothing (for tests of the extraction machinery)."""
+    torch.manual_seed(seed)
+    model = DigitsNet().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+    return model

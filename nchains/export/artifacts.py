@@ -66,11 +66,12 @@ def model_stats(model: nn.Module, input_shape) -> Dict[str, int]:
             macs[0] += output[0].numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
+    from nchains._util.device import example_input
+
+    x = example_input(model, input_shape)  # the model's device and dtype
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape, dtype=dtype))
+            model(x)
     finally:
         for h in handles:
             h.remove()

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 from dataclasses import dataclass
@@ -28,8 +29,10 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import fx, nn
 
+from nchains._util.device import model_device_dtype
 from nchains._util.io import PathLike, hash_tensor
 from nchains._util.publish import StagedFolder, check_destination
+from nchains.graph.analysis import ModelGraph, graph_for
 from nchains.neurochains.chain import Chain
 from nchains.compact.walk import compact
 from nchains.export.artifacts import FILES, MANIFEST, model_stats
@@ -66,7 +69,8 @@ def _compare(fmt: str, run: Callable, inputs: Dict[str, torch.Tensor], refs: Dic
         diff = float((out - ref).abs().max())
         rel = diff / scale if scale > 0 else diff
         top2 = ref.topk(min(2, ref.shape[1]), dim=1).values
-        tie = (top2[:, 0] - top2[:, -1] <= RTOL * scale) if ref.shape[1] > 1 else torch.zeros(len(ref), dtype=torch.bool)
+        tie = (top2[:, 0] - top2[:, -1] <= RTOL * scale) if ref.shape[1] > 1 else \
+            torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
         agree = (out.argmax(1) == ref.argmax(1)) | tie
         worst["max_abs_diff"] = max(worst["max_abs_diff"], diff)
         worst["max_abs_logit"] = max(worst["max_abs_logit"], scale)
@@ -89,7 +93,7 @@ def _inputs(chain: Chain, images: Optional[torch.Tensor], n_random: int, dtype: 
     sets: Dict[str, torch.Tensor] = {}
     info: Dict[str, Any] = {} if images_note is None else {"images_note": images_note}
     if images is not None:
-        sets["images"] = images.detach().to(dtype)
+        sets["images"] = images.detach().to("cpu", dtype)  # moved to the model's device where it runs
         h = hash_tensor(images)
         info["images"] = {"count": len(images), "sha256": h, "chain_images": h == chain.images_hash}
     sets["random"] = torch.randn(n_random, *shape, generator=gen, dtype=dtype)
@@ -153,13 +157,17 @@ def _validate(chain: Chain, model: nn.Module, out_dir: PathLike, formats, images
 
 @dataclass
 class _References:
-    """What every artifact is compared with: the masked model's logits on each input set."""
-    gm: fx.GraphModule  # the default compact graph (verified here; its layers go in the metadata)
-    inputs: Dict[str, torch.Tensor]
+    """What every artifact is compared with: the masked model's logits on each input set, on
+    the CPU where the artifacts run (computed there by a CPU copy of the masked model when the
+    model lives on an accelerator)."""
+    gm: fx.GraphModule  # the default compact graph, on the model's device (its layers go in the metadata)
+    inputs: Dict[str, torch.Tensor]  # CPU
     input_info: Dict[str, Any]
-    refs: Dict[str, torch.Tensor]
+    refs: Dict[str, torch.Tensor]  # CPU
     names: Optional[Sequence[str]]
     dtype: torch.dtype
+    graph: ModelGraph  # the one analysis every compact graph is built from
+    compact_check: Dict[str, Any]  # the default compact graph against the masked model, on the model's device
 
     @property
     def n_out(self) -> int:
@@ -167,29 +175,37 @@ class _References:
 
 
 def _references(chain: Chain, model: nn.Module, images: Optional[torch.Tensor], n_random: int,
-                images_note: Optional[str], class_names, keep_scores: bool) -> _References:
-    """Reference logits of ``chain.apply(model)``, and the default compact model checked against them."""
-    dtype = next(model.parameters()).dtype
-    masked = chain.apply(model)
-    gm = compact(chain, model, keep_scores=keep_scores)
+                images_note: Optional[str], class_names, keep_scores: bool,
+                graph: Optional[ModelGraph] = None) -> _References:
+    """The one analysis of ``model``, reference logits of ``chain.apply(model)``, and the default
+    compact model checked against them on the model's device (like with like)."""
+    device, dtype = model_device_dtype(model)
+    graph = graph_for(model, chain.input_shape, graph)
+    masked = chain.apply(model, graph=graph)
+    gm = compact(chain, model, keep_scores=keep_scores, graph=graph)
     inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
+    on_device = {name: x.to(device) for name, x in inputs.items()}
     with torch.no_grad():
-        refs = {name: masked(x) for name, x in inputs.items()}
+        refs = {name: masked(x) for name, x in on_device.items()}
     n_out = refs["random"].shape[1]
     names = list(class_names) if class_names is not None else chain.class_names
     if names is not None and len(names) != n_out:
         raise ValueError(f"class_names must have {n_out} entries (one per logit), got {len(names)}")
-    check = _compare("compact", gm, inputs, refs)
+    check = _compare("compact", gm, on_device, refs)
     if not check["passed"]:
         raise ExportError(f"the compact model does not match the masked model: {check['failure']}; "
                           "nothing was written (please report this as a bug)")
-    return _References(gm, inputs, input_info, refs, names, dtype)
+    if device.type != "cpu":  # the artifacts are CPU artifacts: their reference runs there too
+        masked = copy.deepcopy(masked).to("cpu")
+        with torch.no_grad():
+            refs = {name: masked(x) for name, x in inputs.items()}
+    return _References(gm, inputs, input_info, refs, names, dtype, graph, check)
 
 
 def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _References, meta: Dict[str, Any],
                     keep_scores: bool, bar) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
     """Exports, re-loads and compares each format: (programs, verification figures per format)."""
-    checks = {"compact": _compare("compact", ref.gm, ref.inputs, ref.refs)}
+    checks = {"compact": ref.compact_check}
     example = ref.inputs["random"][:2]
     graphs: Dict[Tuple[Any, ...], fx.GraphModule] = {}  # one compact graph per set of options
     programs: Dict[str, Any] = {}
@@ -199,7 +215,8 @@ def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _R
             options = exporter.compact_options()
             key = tuple(options.items())
             if key not in graphs:
-                graphs[key] = compact(chain, model, keep_scores=keep_scores, **options)
+                # the exporters trace and serialize on the CPU (an accelerator model's compact graph moves)
+                graphs[key] = compact(chain, model, keep_scores=keep_scores, graph=ref.graph, **options).to("cpu")
             programs[fmt], how = exporter.prepare(graphs[key], example)
             exporter.plain(programs[fmt])
             run = exporter.load(exporter.serialize(programs[fmt], dumps(meta)))
@@ -269,8 +286,14 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
            formats: Union[str, Sequence[str]] = ("torchscript", "onnx", "pt2"), *,
            images: Optional[torch.Tensor] = None, keep_scores: bool = False,
            class_names: Optional[Sequence[str]] = None, preprocessing: Optional[Dict[str, Any]] = None,
-           n_random: int = 8, progress: bool = False, images_note: Optional[str] = None) -> Dict[str, Any]:
+           n_random: int = 8, progress: bool = False, images_note: Optional[str] = None,
+           graph: Optional[ModelGraph] = None) -> Dict[str, Any]:
     """Export the chain's compact model, verified, with metadata, all or nothing.
+
+    The model is analysed once (or ``graph`` reused): the masked model and every compact graph
+    are built from that one :class:`~nchains.graph.analysis.ModelGraph`. A model on an
+    accelerator is verified there (compact against masked); the artifacts are traced,
+    serialized and verified on the CPU, against a CPU copy of the masked model.
 
     The whole set of files is built in a staging folder beside ``out_dir`` and published with
     one atomic rename or exchange (:mod:`nchains._util.publish`): at every instant ``out_dir``
@@ -297,6 +320,8 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
         progress (bool): show a progress bar over the formats.
         images_note (str): where ``images`` come from, or why there are none (e.g. the chain's
             images could not be rebuilt), recorded as ``verification.inputs.images_note``.
+        graph (ModelGraph): ``nchains.analyze(model, example)`` at ``chain.input_shape``, to
+            reuse one analysis (checked to be this model's); default: analysed here, once.
 
     Returns:
         dict: the manifest written to ``out_dir/manifest.json`` (``artifacts`` gives each file,
@@ -312,7 +337,7 @@ def export(chain: Chain, model: nn.Module, out_dir: PathLike,
     chain.check_model(model)
     model.eval()
     with StagedFolder(out_dir, replace_problem) as staging:  # an unwritable out_dir fails before the work
-        ref = _references(chain, model, images, n_random, images_note, class_names, keep_scores)
+        ref = _references(chain, model, images, n_random, images_note, class_names, keep_scores, graph)
         meta = build_metadata(chain, ref.gm, export_stats(chain, model, ref.gm), ref.names,
                               preprocessing if preprocessing is not None else default_preprocessing(chain),
                               keep_scores, ref.n_out, ref.dtype)

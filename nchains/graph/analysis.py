@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from nchains.graph import labels as _labels
 from nchains.graph.dag import UnitDAG, build_dag, walk_up
-from nchains.graph.classify import _CHANNEL_PRESERVING, _operands, _where, classify, is_leaf, is_tensor, shape_of
+from nchains.graph.classify import _CHANNEL_PRESERVING, _LEAF_TYPES, _operands, _where, classify, is_tensor, shape_of
 from nchains.graph.regions import Region, _regions
 from nchains.graph.units import ConvUnit, LinearUnit, _classifier, _conv_unit, _linear_unit
 
@@ -153,6 +154,20 @@ class ModelGraph:
         found, _ = walk_up([node], self._unit_of_last, lambda n: self.node_kinds.get(n) in _CHANNEL_PRESERVING)
         return tuple(sorted(set(found), key=self._unit_rank.__getitem__))
 
+    def cpu_copy(self) -> "ModelGraph":
+        """A copy of this analysis on the CPU: its graph module holds CPU copies of the model's
+        parameters and buffers, and every unit, region, add and concat points at the copy's
+        nodes. The model is not touched (a model on an accelerator is never copied there)."""
+        gm = self.graph_module
+        memo: Dict[int, object] = {}
+        for t in [*gm.parameters(), *gm.buffers()]:
+            cpu = t.detach().to("cpu", copy=True)
+            memo[id(t)] = nn.Parameter(cpu, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else cpu
+        new_gm = copy.deepcopy(gm, memo).to("cpu")
+        # fx copies nodes by graph order (keyed by node, not by id): map them for the rest
+        nodes = {id(a): b for a, b in zip(gm.graph.nodes, new_gm.graph.nodes)}
+        return copy.deepcopy(self, {id(gm): new_gm, **nodes})
+
     def check_belongs(self, model: nn.Module, input_shape: Sequence[int], dtype: Optional[torch.dtype] = None,
                       arg: str = "graph") -> "ModelGraph":
         """ValueError unless this graph was analysed from ``model`` (its traced modules are
@@ -196,7 +211,7 @@ class _ShapeProp(ShapeProp):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return is_leaf(m) or super().is_leaf_module(m, qualname)
+        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

@@ -11,7 +11,7 @@ import torch
 
 import nchains
 from nchains.neurochains import extraction, phase
-from _models import DigitsNet
+from _models import random_digits_net
 
 
 def reference_run_phase(opt, loss_fn, steps: int, stop_delta: Optional[float], stop_window: int, desc: str,
@@ -42,25 +42,12 @@ def _comparable(chain: nchains.Chain) -> dict:
     return d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: oversubscribed threads are many times slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    """DigitsNet with random weights and BN statistics (any model has a chain)."""
-    torch.manual_seed(0)
-    model = DigitsNet().eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2)
-                m.weight.uniform_(0.5, 1.5)
+    model = random_digits_net()
     return model, torch.randn(8, 1, 8, 8)
 
 
