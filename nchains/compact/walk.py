@@ -47,6 +47,7 @@ from nchains._util.device import model_device_dtype
 from nchains.graph.analysis import ConvUnit, ModelGraph, graph_for, is_tensor
 from nchains.neurochains.chain import Chain
 from nchains.instrument.scored_model import _out_of_place
+from nchains.instrument.self_check import check_compact
 
 __all__ = ["compact"]
 
@@ -213,7 +214,7 @@ class _Builder(_JoinBuilder):
 
 def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = None, keep_scores: bool = False,
             scatter: str = "index_add", channel_multiple: int = 1, max_pool: str = "separable",
-            memory_format: str = "contiguous") -> fx.GraphModule:
+            memory_format: str = "contiguous", check: bool = True) -> fx.GraphModule:
     """The chain as a small standalone model made of plain PyTorch ops.
 
     Pruned filters are removed together with the matching input channels of every consumer,
@@ -258,6 +259,10 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
             are ~5x slower on it, which makes a ResNet-50 chain 28% slower. ``"auto"``:
             channels-last when the graph has no such op. The choice made is in the returned
             module's ``nchains_memory_format``.
+        check (bool): self-check the result (:func:`nchains.instrument.self_check.check_compact`):
+            on two random inputs of the chain's shape, every unit's computed channels and the
+            logits must equal the masked model's (``chain.apply(model)``, itself checked against
+            the original), else a ValueError names the first diverging unit.
 
     Returns:
         torch.fx.GraphModule in eval mode mapping ``Tensor[N, *chain.input_shape]`` to the
@@ -310,7 +315,11 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
     else:
         memory_format = "contiguous"
     gm.nchains_memory_format = memory_format
-    return gm.eval().requires_grad_(False)
+    gm.nchains_taps = {name: (node.name, live) for name, (node, live) in builder.taps.items()}
+    gm = gm.eval().requires_grad_(False)
+    if check:
+        check_compact(gm, chain.apply(model, graph=graph), graph)
+    return gm
 
 
 def _channel_index_ops(gm: fx.GraphModule) -> int:

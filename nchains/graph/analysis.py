@@ -33,7 +33,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from nchains.graph import labels as _labels
 from nchains.graph.dag import UnitDAG, build_dag, walk_up
-from nchains.graph.classify import _CHANNEL_PRESERVING, _LEAF_TYPES, _operands, _where, classify, is_tensor, shape_of
+from nchains.graph.classify import _CHANNEL_PRESERVING, _operands, _where, classify, is_leaf, is_tensor, shape_of
 from nchains.graph.regions import Region, _regions
 from nchains.graph.units import ConvUnit, LinearUnit, _classifier, _conv_unit, _linear_unit
 
@@ -211,7 +211,7 @@ class _ShapeProp(ShapeProp):
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _LEAF_TYPES) or super().is_leaf_module(m, qualname)
+        return is_leaf(m) or super().is_leaf_module(m, qualname)
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:
