@@ -358,7 +358,7 @@ def main(argv=None) -> None:
           f"iteration (fresh memory the kernel zeroes: glibc returns buffers > 32 MB to the OS); "
           f"ft = fine-tune phase; total = wall time of one "
           f"full call (best of rounds; nchains' includes fx analysis, model hashing and strongest "
-          f"paths); other = CPU cores used by other processes during the worst kept run")
+          f"filters); other = CPU cores used by other processes during the worst kept run")
     for lines in tables:
         print()
         print("\n".join(lines))

@@ -32,6 +32,7 @@ from torch import fx, nn
 from nchains._util.device import model_device_dtype
 from nchains._util.io import PathLike, hash_tensor
 from nchains._util.publish import StagedFolder, check_destination
+from nchains._util.tensors import check_images
 from nchains.graph.analysis import ModelGraph, graph_for
 from nchains.neurochains.chain import Chain
 from nchains.compact.walk import compact
@@ -103,16 +104,7 @@ def _inputs(chain: Chain, images: Optional[torch.Tensor], n_random: int, dtype: 
 
 
 def _check_images(images, chain: Chain) -> Optional[torch.Tensor]:
-    if images is None:
-        return None
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a Tensor[N, C, H, W] or None, got {type(images).__name__}")
-    if images.dim() != 4 or list(images.shape[1:]) != list(chain.input_shape) or len(images) < 1:
-        raise ValueError(f"images must have shape [N, {', '.join(map(str, chain.input_shape))}] (the chain's "
-                         f"input shape), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor (preprocessed), got {images.dtype}")
-    return images
+    return None if images is None else check_images(images, chain.input_shape)
 
 
 def _formats(formats) -> Tuple[str, ...]:

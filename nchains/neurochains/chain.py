@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -11,13 +13,17 @@ import torch
 from torch import nn
 
 from nchains._util.io import PathLike, hash_model, write_atomic
+from nchains.neurochains.chain_schema import check_against_graph, validate_chain
 
 FORMAT = "nchains.chain"
-#: Version written by :meth:`Chain.save`. Version 2 added ``images_source``; loading rejects
-#: unknown fields, so an older nchains must see a new version rather than a "malformed" file.
-VERSION = 2
-#: Versions :meth:`Chain.load` reads (version 1 files have no ``images_source``: None).
-READABLE_VERSIONS = (1, 2)
+#: Version written by :meth:`Chain.save`. Version 2 added ``images_source``; version 3 renamed
+#: ``paths`` to ``strongest_filters`` (the strongest filter of each layer taken on its own, not a
+#: path). Loading rejects unknown fields, so an older nchains must see a new version rather than
+#: a "malformed" file.
+VERSION = 3
+#: Versions :meth:`Chain.load` reads (version 1 files have no ``images_source``: None; versions 1
+#: and 2 store ``strongest_filters`` as ``paths``).
+READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass
@@ -42,8 +48,12 @@ class Chain:
         family (str): "resnet", "vgg" or "other" (picks the paper's lambdas).
         classes (list[int]): classes the original model predicts on the images.
         class_names (list[str] or None): names of all model outputs.
-        paths (dict class -> list[[layer, filter, contribution]]): the strongest filter per kept
-            layer for each class (Taylor contributions), in graph order.
+        strongest_filters (dict class -> list[[layer, filter, contribution]]): for each class
+            (key: the class index as a string) and each kept layer in graph order, the kept
+            filter with the largest Taylor contribution ``sum |a * dy_c/da|`` over that class's
+            images. Each layer is ranked on its own: consecutive entries need not be connected,
+            so this is not a path through the network. (Called ``paths`` before version 3; the
+            deprecated read-only :attr:`paths` still returns it.)
         history (dict): loss per step of the scoring and fine-tuning phases.
         model_spec (dict or None): how to rebuild the model (used by the CLI).
         images_source (dict or None): how the images were chosen, enough to rebuild the exact
@@ -72,7 +82,7 @@ class Chain:
     family: str = "other"
     classes: List[int] = field(default_factory=list)
     class_names: Optional[List[str]] = None
-    paths: Dict[str, List[List[Any]]] = field(default_factory=dict)
+    strongest_filters: Dict[str, List[List[Any]]] = field(default_factory=dict)
     history: Dict[str, List[float]] = field(default_factory=dict)
     model_spec: Optional[Dict[str, Any]] = None
     images_source: Optional[Dict[str, Any]] = None
@@ -83,21 +93,51 @@ class Chain:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
     def save(self, path: PathLike) -> None:
-        """Writes the chain as versioned JSON, atomically."""
+        """Writes the chain as versioned JSON, atomically; ValueError (naming the field) when the
+        chain is not valid (:meth:`validate`), before anything is written."""
+        self.validate()
         write_atomic(path, json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def validate(self) -> None:
+        """Checks every field (types, lengths, index ranges, sorted unique kept indices, finite
+        scores and metrics, known layer and region names, hashes, config): see
+        :mod:`nchains.neurochains.chain_schema`. Called by :meth:`save`, :meth:`check_model`
+        (so by :meth:`apply`, :func:`nchains.compact` and :func:`nchains.export`) and
+        :meth:`from_dict`.
+
+        Raises:
+            ValueError: ``malformed chain: <field path>: <what is wrong>``.
+        """
+        try:
+            validate_chain(asdict(self))
+        except ValueError as exc:
+            raise ValueError(f"malformed chain: {exc}") from None
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "Chain":
+        """The chain of :meth:`to_dict`'s output (any of :data:`READABLE_VERSIONS`), validated
+        field by field; ValueError naming the first invalid field."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not an nchains chain (expected format {FORMAT!r})")
-        if data.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"chain version {data.get('version')!r} is not supported (this nchains reads "
+        version = data.get("version")
+        if isinstance(version, bool) or version not in READABLE_VERSIONS:
+            raise ValueError(f"chain version {version!r} is not supported (this nchains reads "
                              f"versions {', '.join(map(str, READABLE_VERSIONS))})")
         fields = {k: v for k, v in data.items() if k not in ("format", "version")}
+        known = {f.name for f in dataclasses.fields(cls)}
+        if version < 3:  # versions 1 and 2 call strongest_filters "paths"
+            known = (known - {"strongest_filters"}) | {"paths"}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"malformed chain: unknown field(s) {unknown} for version {version} "
+                             f"(accepted: {sorted(known)})")
+        if "paths" in fields:
+            fields["strongest_filters"] = fields.pop("paths")
         try:
-            return cls(**fields)
-        except TypeError as exc:
+            validate_chain(fields)
+        except ValueError as exc:
             raise ValueError(f"malformed chain: {exc}") from None
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: PathLike) -> "Chain":
@@ -107,9 +147,12 @@ class Chain:
         try:
             with open(path) as f:
                 data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"path {os.fspath(path)!r} is not a chain JSON file: {exc}") from None
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
     # ---- model -------------------------------------------------------------------------
 
@@ -125,11 +168,18 @@ class Chain:
         return out
 
     def check_model(self, model: nn.Module) -> None:
-        """ValueError unless ``model``'s weights hash to the chain's ``model_hash``."""
+        """ValueError unless the chain is valid (:meth:`validate`) and ``model``'s weights hash
+        to the chain's ``model_hash``."""
+        self.validate()
         got = hash_model(model)
         if got != self.model_hash:
             raise ValueError(f"model weights hash {got[:12]}… differs from the chain's {self.model_hash[:12]}…: "
                              "the chain was extracted from another model")
+
+    def check_graph(self, graph) -> None:
+        """ValueError naming the first layer or region where the chain and ``graph`` (the
+        model's :func:`nchains.analyze` at :attr:`input_shape`) disagree: names, widths, kinds."""
+        check_against_graph(self.layer_sizes, self.regions, graph, bool(self.config.get("score_linear", False)))
 
     def apply(self, model: nn.Module, graph=None) -> nn.Module:
         """The masked model: ``model`` with the chain's scores and gates (removed filters output
@@ -151,6 +201,7 @@ class Chain:
         self.check_model(model)
         device, dtype = model_device_dtype(model)
         graph = graph_for(model, self.input_shape, graph)
+        self.check_graph(graph)
         sm = ScoredModel(graph, score_linear=bool(self.config.get("score_linear", False)),
                          temperature=float(self.config.get("temperature", 0.2)))
         sm.set_hard({k: v.to(device=device, dtype=dtype) for k, v in self.full_scores().items()}, dict(self.gates))
@@ -196,16 +247,24 @@ class Chain:
         return str(c)
 
     def describe(self) -> str:
-        """The paper-style inference chain: the strongest filter path per class,
-        e.g. ``sneaker: Conv1_3 → L1B1C1_7 → … → L4B2C2_48``."""
+        """The paper-style inference chain: per class, the strongest kept filter of every kept
+        layer in graph order (:attr:`strongest_filters`; each layer ranked on its own), e.g.
+        ``sneaker: Conv1_3 → L1B1C1_7 → … → L4B2C2_48``."""
         m = self.metrics
         head = (f"Inference chain: {m.get('filters_kept')}/{m.get('filters_total')} filters, "
                 f"{m.get('layers_kept')}/{m.get('layers_total')} layers")
         lines = [head]
-        for c, path in self.paths.items():
-            chain = " → ".join(self.filter_label(layer, idx) for layer, idx, _ in path) or "(empty)"
+        for c, strongest in self.strongest_filters.items():
+            chain = " → ".join(self.filter_label(layer, idx) for layer, idx, _ in strongest) or "(empty)"
             lines.append(f"{self.class_name(int(c))}: {chain}")
         return "\n".join(lines)
+
+    @property
+    def paths(self) -> Dict[str, List[List[Any]]]:
+        """Deprecated name of :attr:`strongest_filters` (read-only; warns)."""
+        warnings.warn("Chain.paths is deprecated: it is the strongest filter of each layer, not a path; "
+                      "use Chain.strongest_filters", DeprecationWarning, stacklevel=2)
+        return self.strongest_filters
 
     # ---- comparing ---------------------------------------------------------------------
 

@@ -3,11 +3,53 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 # (lambda, lambda_gate) per model family, as in the paper; "other" follows ResNet.
 FAMILY_DEFAULTS = {"vgg": (0.007, 2.0), "resnet": (0.0065, 0.9), "other": (0.0065, 0.9)}
+
+#: Upper bound of ``steps``, ``finetune_steps`` and ``stop_window``: a million Adam steps is
+#: days of work on any real model, so a larger number is a typo, not a request.
+MAX_STEPS = 10**6
+#: ``seed`` must lie in ``[0, MAX_SEED)``: ``torch.manual_seed`` takes 64-bit seeds; negative
+#: ones are refused so that a seed has one spelling in a chain file.
+MAX_SEED = 2**63
+
+# (field, bound, None accepted): "ge0" means finite >= 0, "gt0" finite > 0.
+_REALS = (("lam", "ge0", True), ("lam_gate", "ge0", True), ("temperature", "gt0", False),
+          ("lr", "gt0", False), ("tau", "ge0", False), ("finetune_lr", "gt0", False),
+          ("finetune_kl", "ge0", False), ("stop_delta", "ge0", True))
+# (field, lowest, highest allowed value)
+_INTS = (("steps", 0, MAX_STEPS), ("finetune_steps", 0, MAX_STEPS), ("stop_window", 1, MAX_STEPS),
+         ("seed", 0, MAX_SEED - 1))
+
+
+def _check_real(name: str, value: Any, bound: str, allow_none: bool) -> Optional[float]:
+    """``value`` as a float when it is a finite real number within ``bound``; raises otherwise."""
+    rule = f"a number {'>' if bound == 'gt0' else '>='} 0 (finite){' or None' if allow_none else ''}"
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be {rule}, got {v!r} (NaN and infinity are not accepted)")
+    if v < 0 or (bound == "gt0" and v == 0):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return v
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> int:
+    """``value`` as an int when it is an integer in ``[low, high]``; raises otherwise."""
+    rule = f"an int >= {low} and <= {high}" if high != MAX_SEED - 1 else f"an int in [{low}, 2**63)"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {rule}, got {value!r} ({type(value).__name__})")
+    if not low <= int(value) <= high:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return int(value)
 
 
 @dataclass
@@ -55,31 +97,26 @@ class NeuroChainsConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raises ValueError naming the first field outside its accepted range."""
-        def positive(name, allow_none=False, strict=True):
-            v = getattr(self, name)
-            if v is None and allow_none:
-                return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= 0 if strict else v < 0):
-                raise ValueError(f"{name} must be a number {'>' if strict else '>='} 0"
-                                 f"{' or None' if allow_none else ''}, got {v!r}")
-        positive("lam", allow_none=True, strict=False)
-        positive("lam_gate", allow_none=True, strict=False)
-        positive("temperature")
-        positive("lr")
-        positive("finetune_lr")
-        positive("tau", strict=False)
-        positive("finetune_kl", strict=False)
-        positive("stop_delta", allow_none=True, strict=False)
-        if isinstance(self.stop_window, bool) or not isinstance(self.stop_window, int) or self.stop_window < 1:
-            raise ValueError(f"stop_window must be an int >= 1, got {self.stop_window!r}")
-        for name in ("steps", "finetune_steps", "seed"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        """Checks every field's type, finiteness and range.
+
+        Accepted: ``lam``, ``lam_gate``, ``tau``, ``finetune_kl``, ``stop_delta`` finite
+        numbers >= 0 (``lam``, ``lam_gate``, ``stop_delta`` also None); ``temperature``,
+        ``lr``, ``finetune_lr`` finite numbers > 0; ``steps``, ``finetune_steps`` ints in
+        ``[0, MAX_STEPS]``; ``stop_window`` an int in ``[1, MAX_STEPS]``; ``seed`` an int in
+        ``[0, 2**63)`` (what ``torch.manual_seed`` takes); ``finetune``, ``score_linear`` bools.
+        Numbers are normalised to Python ``float``/``int`` (NumPy scalars become JSON-safe).
+
+        Raises:
+            TypeError: a field of the wrong type (names the field and the value).
+            ValueError: a number that is NaN, infinite or outside its range.
+        """
+        for name, minimum, allow_none in _REALS:
+            setattr(self, name, _check_real(name, getattr(self, name), minimum, allow_none))
+        for name, low, high in _INTS:
+            setattr(self, name, _check_int(name, getattr(self, name), low, high))
         for name in ("finetune", "score_linear"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def replace(self, **overrides: Any) -> "NeuroChainsConfig":
         """A copy with ``overrides`` applied; unknown names raise ValueError listing the fields."""
@@ -100,4 +137,8 @@ class NeuroChainsConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "NeuroChainsConfig":
+        """The config of :meth:`to_dict`'s output (missing fields take their defaults); raises
+        TypeError/ValueError naming the first unknown, mistyped or out-of-range field."""
+        if not isinstance(data, dict):
+            raise TypeError(f"config must be a dict of NeuroChainsConfig fields, got {type(data).__name__}")
         return cls().replace(**data)

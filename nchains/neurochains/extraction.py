@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nchains import ops
+from nchains._util.tensors import check_images
 from nchains._util.io import hash_model, hash_tensor
 from nchains._util.memory import keep_freed_memory
 from nchains._util.device import model_device_dtype
@@ -28,8 +29,23 @@ from nchains.neurochains.phase import adam as _adam, run_phase as _run_phase, st
 
 
 def model_family(graph: ModelGraph) -> str:
-    """``"resnet"`` for models with residual blocks, ``"vgg"`` for plain chains, else ``"other"``."""
-    if any(r.kind == "block" for r in graph.regions.values()):
+    """The paper's model family, which picks the default ``lam``/``lam_gate``.
+
+    ``"resnet"`` when a residual add (``graph.adds``) lies inside a gateable block region: the
+    paper's ResNet blocks ``relu(branch(x) + x)``, gated whole. ``"vgg"`` for plain chains (no
+    residual add, no concat), whether or not they group layers into gateable blocks.
+    ``"other"`` otherwise: adds outside any gateable block (e.g. only downsampling joins), or
+    channel concats (Inception, DenseNet).
+
+    Args:
+        graph (ModelGraph): the model's analysis.
+
+    Returns:
+        str: ``"resnet"``, ``"vgg"`` or ``"other"``.
+    """
+    add_nodes = {a.node for a in graph.adds}
+    if not graph.concats and any(r.kind == "block" and add_nodes.intersection(r.nodes)
+                                 for r in graph.regions.values()):
         return "resnet"
     if not graph.adds and not graph.concats:
         return "vgg"
@@ -37,13 +53,7 @@ def model_family(graph: ModelGraph) -> str:
 
 
 def _check_images(images) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a Tensor[N, C, H, W], got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[0] < 1:
-        raise ValueError(f"images must have shape [N, C, H, W] with N >= 1, got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be a floating-point tensor (preprocessed), got {images.dtype}")
-    return images
+    return check_images(images)
 
 
 def _kl(logits: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
@@ -111,10 +121,11 @@ def _metrics(sm: ScoredModel, images, target_logits, graph: ModelGraph, score_li
     return {"kl": kl, "agreement": agreement, "prob_drop": prob_drop}
 
 
-def strongest_paths(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Sequence[int]],
-                    classes: torch.Tensor) -> Dict[int, List[Tuple[str, int, float]]]:
+def strongest_filters(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Sequence[int]],
+                      classes: torch.Tensor) -> Dict[int, List[Tuple[str, int, float]]]:
     """Per class, the kept filter of every kept layer with the largest Taylor contribution
     ``sum |a * d y_c / d a|`` over the images of that class (batched, one backward per class).
+    Each layer is ranked on its own: the result is not a connected path (critical paths are).
 
     Args:
         sm (ScoredModel): the chain in hard mode.
@@ -143,7 +154,7 @@ def strongest_paths(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Seque
                 y = logits[sel, c].sum()
                 grads = torch.autograd.grad(y, [outputs[n] for n in present], retain_graph=k < len(uniq) - 1,
                                             allow_unused=True)
-                path = []
+                row = []
                 for name, grad in zip(present, grads):
                     if grad is None:
                         continue
@@ -151,8 +162,8 @@ def strongest_paths(sm: ScoredModel, images: torch.Tensor, kept: Dict[str, Seque
                     contrib = ops.taylor_contributions(a, grad, absolute=True)[sel].sum(0)
                     idx = torch.as_tensor(list(kept[name]), dtype=torch.long)
                     best = int(torch.argmax(contrib[idx]))
-                    path.append((name, int(idx[best]), float(contrib[idx[best]])))
-                result[int(c)] = path
+                    row.append((name, int(idx[best]), float(contrib[idx[best]])))
+                result[int(c)] = row
     finally:
         for h in hooks:
             h.remove()
@@ -247,7 +258,7 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         "seconds": 0.0,
     })
     classes = target_logits.argmax(1)
-    paths = strongest_paths(sm, images, kept, classes)
+    strongest = strongest_filters(sm, images, kept, classes)
     metrics["seconds"] = time.perf_counter() - t0
     names = list(class_names) if class_names is not None else None
     model_hash = hash_model(model)
@@ -262,6 +273,7 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         regions={name: {"kind": r.kind, "layers": list(r.units)} for name, r in graph.regions.items()},
         input_shape=list(images.shape[1:]), family=family,
         classes=sorted(set(classes.tolist())), class_names=names,
-        paths={str(c): [[layer, idx, contrib] for layer, idx, contrib in p] for c, p in paths.items()},
+        strongest_filters={str(c): [[layer, idx, contrib] for layer, idx, contrib in p]
+                           for c, p in strongest.items()},
         history={"scoring": history, "finetune": finetune_history}, model_spec=model_spec,
     )

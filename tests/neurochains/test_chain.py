@@ -30,7 +30,8 @@ def test_save_load_round_trip(tmp_path, chains):
     with torch.no_grad():
         torch.testing.assert_close(loaded.apply(net)(images), chain.apply(net)(images), rtol=0, atol=0)
     data = json.loads(path.read_text())
-    assert data["format"] == "nchains.chain" and data["version"] == 2
+    assert data["format"] == "nchains.chain" and data["version"] == 3
+    assert "strongest_filters" in data and "paths" not in data
     assert data["images_source"] is None  # extracted from Python on a tensor: no record of its choice
 
 
@@ -38,6 +39,7 @@ def test_version_1_file_without_images_source_loads(tmp_path, chains):
     _, _, chain, _ = chains
     data = json.loads(json.dumps(chain.to_dict()))
     del data["images_source"]
+    data["paths"] = data.pop("strongest_filters")  # its name before version 3
     data["version"] = 1
     path = tmp_path / "old.json"
     path.write_text(json.dumps(data))
