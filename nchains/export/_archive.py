@@ -168,7 +168,11 @@ def fresh_jit_namespace():
     import torch.jit._state as state
     import torch.jit._trace as trace
 
-    saved = (state._python_cu, recursive._python_cu, trace._python_cu, recursive.concrete_type_store)
+    try:
+        saved = (state._python_cu, recursive._python_cu, trace._python_cu, recursive.concrete_type_store)
+    except AttributeError:  # another torch layout: script as usual (bytes may then differ per process)
+        yield
+        return
     unit = torch._C.CompilationUnit()
     state._python_cu = recursive._python_cu = trace._python_cu = unit
     recursive.concrete_type_store = recursive.ConcreteTypeStore()
