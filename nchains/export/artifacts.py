@@ -284,12 +284,6 @@ def _region_line(region: Optional[Dict[str, Any]]) -> str:
     return f"region: {region.get('note', '')}"
 
 
-def format_report(report: Dict[str, Any]) -> str:
-    """Human-readable text of :func:`inspect_artifact`'s result."""
-    meta = report["metadata"]
-    lines = [f"{report['path']}: {report['kind']}"]
-    if report["kind"] == "chain":
-        kept = meta.get("kept", {})
 def _macs_line(c: Dict[str, Any]) -> str:
     # manifests of earlier versions called the multiply-accumulates "flops": read either
     key = "macs" if "macs" in c or "flops" not in c else "flops"
@@ -307,6 +301,12 @@ def _runtime_line(fmt: str, entry: Optional[Dict[str, Any]]) -> str:
     return f"runtime: {runtime}; load: {load}"
 
 
+def format_report(report: Dict[str, Any]) -> str:
+    """Human-readable text of :func:`inspect_artifact`'s result."""
+    meta = report["metadata"]
+    lines = [f"{report['path']}: {report['kind']}"]
+    if report["kind"] == "chain":
+        kept = meta.get("kept", {})
         sizes = meta.get("layer_sizes", {})
         lines.append(f"chain of model {str(meta.get('model_hash', ''))[:12]}…: "
                      f"{sum(len(v) for v in kept.values())}/{sum(sizes.values())} filters, "
@@ -337,9 +337,9 @@ def _runtime_line(fmt: str, entry: Optional[Dict[str, Any]]) -> str:
         for fmt, v in meta.get("verification", {}).get("formats", {}).items():
             lines.append(f"export check {fmt}: max |diff| {v['max_abs_diff']:.3g} "
                          f"(relative {v['relative']:.3g}), argmax agreement {v['argmax_agree']}/{v['rows']}")
+    artifacts = meta.get("artifacts") if isinstance(meta, dict) else None  # an export's manifest lists them
     for check in report["checks"]:
         lines.append(f"{check['format']}: {check['status']}  ({check['file']})")
+        lines.append(f"  {_runtime_line(check['format'], (artifacts or {}).get(check['format']))}")
     lines.append("status: " + ("OK" if report["ok"] else "FAILED (tampered, missing or unreadable artifact)"))
     return "\n".join(lines)
-    artifacts = meta.get("artifacts") if isinstance(meta, dict) else None  # an export's manifest lists them
-        lines.append(f"  {_runtime_line(check['format'], (artifacts or {}).get(check['format']))}")
