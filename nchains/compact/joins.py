@@ -89,6 +89,7 @@ class _JoinBuilder(_UnitBuilder):
                 wide.bias.zero_()
                 wide.bias[rows] = conv.bias[: len(s.live)]
         setattr(self.root, s.node.target, wide)
+        self.taps.update({k: (n, list(live)) for k, (n, _) in self.taps.items() if n is s.node})
         return _State(s.node, list(live), s.const, pad)
 
     def concat(self, node: fx.Node) -> _State:
