@@ -10,7 +10,7 @@ Example:
 
 from nchains import ops
 from nchains.models import zoo
-from nchains.graph.analysis import ModelGraph, analyze
+from nchains.graph.analysis import ModelGraph, UnitDAG, analyze
 from nchains.neurochains.chain import Chain
 from nchains.compact.walk import compact
 from nchains.neurochains.config import NeuroChainsConfig
@@ -20,5 +20,5 @@ from nchains.instrument.scored_model import ScoredModel
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "analyze", "compact", "export",
-           "extract", "ops", "zoo", "__version__"]
+__all__ = ["Chain", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG", "analyze", "compact",
+           "export", "extract", "ops", "zoo", "__version__"]

@@ -177,6 +177,7 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
 
     Args:
         model (nn.Module): a trained CNN (traceable by torch.fx); put in eval mode, never modified.
+            On any device (the images are moved there), in any float dtype (the images' dtype).
         images (Tensor[N, C, H, W]): preprocessed images from one local region of data space.
         config (NeuroChainsConfig): hyper-parameters; defaults are the paper's.
         class_names (sequence of str): names of the model's output classes, for reports.
@@ -193,6 +194,9 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         on the final binarised, fine-tuned chain.
 
     Notes:
+        The loss and KL stay on the model's device and are read back in batches
+        (:mod:`nchains.neurochains.phase`): the early stop is decided there, at exactly the step a
+        loop reading every step stops at; a NaN or infinite loss raises ValueError.
         While the scoring and fine-tune loops run, glibc keeps freed memory for reuse instead
         of unmapping and page-faulting it in again every step (:mod:`nchains._memory`; set
         ``NCHAINS_KEEP_MEMORY=0`` to turn it off); the heap is trimmed afterwards.
