@@ -229,3 +229,23 @@ def test_subclass_without_own_forward_is_read_from_its_attributes():
     graph = analyze(net, _images(1))
     u = graph.layers["0"]
     assert (u.padding, u.pre_pad, u.weight) == ((1, 1), (0, 0, 0, 0), None)
+
+
+def test_depthwise_same_pad_conv_compacts_exactly():
+    """A grouped (depthwise) TF-"same" conv of stride 2, as in MobileNet/EfficientNet ports: the
+    pre-pad sits before a grouped conv whose groups the compact model keeps."""
+    torch.manual_seed(0)
+    net = nn.Sequential(SamePadConv(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                        SamePadConv(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    net[3].groups = 8
+    net[3].weight = nn.Parameter(torch.randn(8, 1, 3, 3))
+    net.eval()
+    x = _images(6, seed=9)
+    graph = analyze(net, x[:1])
+    u = graph.layers["3"]
+    assert (u.groups, u.pre_pad, u.padding) == (8, (0, 1, 0, 1), (0, 0))
+    chain = nchains.extract(net, x, steps=4, finetune=False, seed=0)
+    with torch.no_grad():
+        _close(nchains.compact(chain, net)(x), chain.apply(net)(x))
+        _close(nchains.compact(_everything_kept(chain), net)(x), net(x))
