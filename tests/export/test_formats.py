@@ -219,6 +219,30 @@ def test_macs_counted_and_named(twice, setup, tmp_path):
 
 # ---- AOTInductor --------------------------------------------------------------------------
 
+def test_aoti_exporter_on_a_small_graph(tmp_path):
+    """The one default AOTInductor test (~35-60 s on 2 cores: one C++ compile): the package
+    runs batch 1 and larger, holds the metadata as extra/nchains.json, is recognised by
+    its contents whatever its name, and adding the metadata keeps the compiled library."""
+    gm = _graph()
+    exporter = formats_mod._EXPORTERS["aoti"]
+    package, how = exporter.prepare(gm, torch.randn(2, 3, 8, 8))
+    assert how == "torch._inductor.aoti_compile_and_package"
+    exporter.plain(package)
+    data = exporter.serialize(package, json.dumps({"format": "test"}))
+    run = exporter.load(data)
+    for n in (1, 9):
+        x = torch.randn(n, 3, 8, 8)
+        with torch.no_grad():
+            ref = gm(x)
+        assert float((run(x) - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    original, ours = zipfile.ZipFile(io.BytesIO(package.data)), zipfile.ZipFile(io.BytesIO(data))
+    so = [n for n in original.namelist() if n.endswith(".so")]  # "<archive name>/data/aotinductor/model/*.so"
+    assert so and all(ours.read("archive/" + n.split("/", 1)[1]) == original.read(n) for n in so)
+    (tmp_path / "renamed.bin").write_bytes(data)
+    assert read_embedded(tmp_path / "renamed.bin") == {"format": "test"}
+    assert exporter.serialize(package, json.dumps({"format": "test"})) == data
+
+
 @pytest.fixture(scope="module")
 def aoti(setup, tmp_path_factory):
     model, x, chain = setup
