@@ -4,6 +4,7 @@ follow the model; nothing assumes CPU float32")."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Tuple
 
 import torch
@@ -44,3 +45,28 @@ def example_input(model: nn.Module, input_shape, batch: int = 1) -> torch.Tensor
     """Zeros ``Tensor[batch, *input_shape]`` on ``model``'s device, in its dtype."""
     device, dtype = model_device_dtype(model)
     return torch.zeros(batch, *input_shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def full_precision():
+    """float32 convolutions and matrix products in full IEEE precision inside the block.
+
+    cuDNN runs float32 convolutions in TF32 by default on NVIDIA GPUs (10-bit mantissa: errors
+    of ~1e-3 relative), which would make two exact computations of one chain (scored, compact,
+    masked) disagree by more than a verification tolerance. Checks run inside this block; the
+    optimisation loops keep the defaults. No effect on the CPU.
+    """
+    flags = [torch.backends.cudnn, torch.backends.cuda.matmul]
+    saved = []
+    for flag in flags:
+        try:
+            saved.append((flag, flag.allow_tf32))
+        except RuntimeError:  # the user mixed torch's legacy and new TF32 settings: left alone
+            continue
+    try:
+        for flag, _ in saved:
+            flag.allow_tf32 = False
+        yield
+    finally:
+        for flag, value in saved:
+            flag.allow_tf32 = value

@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import fx, nn
 
-from nchains._util.device import model_device_dtype
+from nchains._util.device import full_precision, model_device_dtype
 from nchains._util.io import PathLike, hash_tensor
 from nchains._util.publish import StagedFolder, check_destination
 from nchains._util.tensors import check_images
@@ -173,17 +173,17 @@ def _references(chain: Chain, model: nn.Module, images: Optional[torch.Tensor], 
     compact model checked against them on the model's device (like with like)."""
     device, dtype = model_device_dtype(model)
     graph = graph_for(model, chain.input_shape, graph)
-    masked = chain.apply(model, graph=graph)
-    gm = compact(chain, model, keep_scores=keep_scores, graph=graph)
     inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
     on_device = {name: x.to(device) for name, x in inputs.items()}
-    with torch.no_grad():
+    masked = chain.apply(model, graph=graph)
+    gm = compact(chain, model, keep_scores=keep_scores, graph=graph)
+    with full_precision(), torch.no_grad():  # exact float32 on GPUs too (no TF32 convs)
         refs = {name: masked(x) for name, x in on_device.items()}
+        check = _compare("compact", gm, on_device, refs)
     n_out = refs["random"].shape[1]
     names = list(class_names) if class_names is not None else chain.class_names
     if names is not None and len(names) != n_out:
         raise ValueError(f"class_names must have {n_out} entries (one per logit), got {len(names)}")
-    check = _compare("compact", gm, on_device, refs)
     if not check["passed"]:
         raise ExportError(f"the compact model does not match the masked model: {check['failure']}; "
                           "nothing was written (please report this as a bug)")

@@ -194,7 +194,7 @@ class Chain:
         Returns:
             nn.Module in eval mode mapping Tensor[N, *input_shape] to logits.
         """
-        from nchains._util.device import model_device_dtype
+        from nchains._util.device import full_precision, model_device_dtype
         from nchains.graph.analysis import graph_for
         from nchains.instrument.scored_model import ScoredModel
 
@@ -202,8 +202,9 @@ class Chain:
         device, dtype = model_device_dtype(model)
         graph = graph_for(model, self.input_shape, graph)
         self.check_graph(graph)
-        sm = ScoredModel(graph, score_linear=bool(self.config.get("score_linear", False)),
-                         temperature=float(self.config.get("temperature", 0.2)))
+        with full_precision():  # the scored model's self-check compares exact computations
+            sm = ScoredModel(graph, score_linear=bool(self.config.get("score_linear", False)),
+                             temperature=float(self.config.get("temperature", 0.2)))
         sm.set_hard({k: v.to(device=device, dtype=dtype) for k, v in self.full_scores().items()}, dict(self.gates))
         return sm.eval()
 

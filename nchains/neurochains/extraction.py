@@ -20,7 +20,7 @@ from nchains import ops
 from nchains._util.tensors import check_images
 from nchains._util.io import hash_model, hash_tensor
 from nchains._util.memory import keep_freed_memory
-from nchains._util.device import model_device_dtype
+from nchains._util.device import full_precision, model_device_dtype
 from nchains.graph.analysis import ModelGraph, graph_for
 from nchains.neurochains.chain import Chain
 from nchains.neurochains.config import NeuroChainsConfig
@@ -226,7 +226,8 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         raise ValueError(f"class_names must have {target_logits.shape[1]} entries (one per output), "
                          f"got {len(class_names)}")
 
-    sm = ScoredModel(graph, score_linear=cfg.score_linear, temperature=cfg.temperature)
+    with full_precision():  # its self-check compares exact computations (no TF32 convs)
+        sm = ScoredModel(graph, score_linear=cfg.score_linear, temperature=cfg.temperature)
     sm.train()
 
     def loss_fn():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import nchains
-from nchains._util.device import example_input, model_device_dtype
+from nchains._util.device import example_input, full_precision, model_device_dtype
 from nchains.neurochains import phase
 from _models import random_digits_net
 from test_one_analysis import EXTRACT
@@ -32,6 +32,14 @@ def _load_artifacts(out):
     ts = torch.jit.load(str(out / "chain.ts"), map_location="cpu")
     pt2 = torch.export.load(str(out / "chain.pt2")).module()
     return ts, pt2
+
+
+def test_full_precision_turns_tf32_off_and_restores_it():
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with full_precision():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.conv.fp32_precision != "tf32"
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
 
 
 def test_model_device_dtype():
@@ -59,7 +67,7 @@ def _end_to_end(model: nn.Module, images: torch.Tensor, out, rtol: float):
     assert {p.device for p in [*small.parameters(), *small.buffers()]} == {device}
     assert {p.dtype for p in small.parameters()} == {dtype}
     x = torch.randn(5, *chain.input_shape, dtype=dtype, device=device)
-    with torch.no_grad():
+    with full_precision(), torch.no_grad():  # no TF32 convs on a GPU: both exact
         want, got = masked(x), small(x)
     assert want.dtype == got.dtype == dtype and got.device == want.device == x.device
     assert _relative(got, want) < rtol
@@ -122,6 +130,6 @@ def test_cuda_compact_is_the_cpu_compact_moved():
     cpu = nchains.compact(chain, model)
     gpu = nchains.compact(chain, model.cuda())
     x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad():
+    with full_precision(), torch.no_grad():
         assert _relative(gpu(x.cuda()).cpu(), cpu(x)) < 1e-4
     assert str(cpu.code) == str(gpu.code)
