@@ -119,7 +119,12 @@ def test_cuda_batched_reads_give_the_chain_of_reading_every_step(monkeypatch):
     monkeypatch.setattr(phase, "sync_interval", lambda device: 1)
     every = nchains.extract(model, images, **kw)
     assert batched.metrics["steps_run"] == every.metrics["steps_run"] == 4
-    assert batched.kept == every.kept and batched.scores == every.scores and batched.history == every.history
+    # GPU reductions may round differently from run to run; 6 steps past the stop would move
+    # the scores by ~6 lr = 0.03, far beyond this tolerance
+    assert batched.kept == every.kept
+    for name, values in every.scores.items():
+        assert batched.scores[name] == pytest.approx(values, rel=1e-5, abs=1e-6)
+    assert batched.history["scoring"] == pytest.approx(every.history["scoring"], rel=1e-5)
 
 
 @pytest.mark.cuda
