@@ -82,10 +82,13 @@ def test_out_under_a_file(refused, tmp_path):
 
 
 def test_out_is_checked_before_the_model_and_images(refused, tmp_path):
-    # the images do not exist either: the output check comes first, so a long run never ends
-    # with an unwritable --out
+    # a valid folder, a torchvision model to load and a corrupt image in the folder: the output
+    # check comes first, so a long run never ends with an unwritable --out
+    folder = _flat_folder(tmp_path)
+    (folder / "broken.png").write_bytes(b"junk")
     (tmp_path / "file").write_text("x")
-    refused(["extract", "--images", "missing", "--out", "file/chain.json"], "--out 'file/chain.json' cannot be")
+    refused(["extract", "--model", "torchvision:resnet18", "--images", folder, "--out", "file/chain.json"],
+            "--out 'file/chain.json' cannot be")
 
 
 def test_debug_shows_the_traceback_instead(tmp_path, monkeypatch):

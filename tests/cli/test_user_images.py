@@ -124,3 +124,22 @@ def test_python_api_chain_of_the_shipped_model_records_its_spec(tmp_path, capsys
     other = zoo.fashion_resnet()  # same architecture, other weights: not the shipped model
     chain2 = nchains.extract(other.eval(), images, steps=1, finetune=False)
     assert chain2.model_spec is None
+
+
+def test_python_api_shows_progress_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    import nchains
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    images, _, _ = zoo.default_images(["bag"], per_class=1)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    nchains.extract(zoo.default_model(), images, steps=2, finetune=False)
+    assert "scoring" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    nchains.extract(zoo.default_model(), images, steps=2, finetune=False, progress=False)
+    assert sys.stderr.getvalue() == ""
