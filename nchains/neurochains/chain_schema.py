@@ -87,8 +87,8 @@ def validate_chain(data: Mapping[str, Any]) -> None:
         _fail("chain", f"missing field(s) {missing}")
     sizes = _layer_sizes(data["layer_sizes"])
     regions = _regions(data.get("regions", {}), sizes)
-    gates = _gates(data["gates"], regions)
-    kept = _kept(data["kept"], sizes, regions, gates)
+    _gates(data["gates"], regions)
+    kept = _kept(data["kept"], sizes)
     _scores(data["scores"], kept)
     _labels(data.get("labels", {}), sizes, regions)
     _input_shape(data.get("input_shape", []))
@@ -142,8 +142,7 @@ def _gates(v: Any, regions: Dict[str, Any]) -> Dict[str, int]:
     return v
 
 
-def _kept(v: Any, sizes: Dict[str, int], regions: Dict[str, Any], gates: Dict[str, int]) -> Dict[str, Sequence[int]]:
-    removed = {layer: r for r, info in regions.items() if gates.get(r, 1) == 0 for layer in info["layers"]}
+def _kept(v: Any, sizes: Dict[str, int]) -> Dict[str, Sequence[int]]:
     for layer, idx in _dict(v, "kept").items():
         where = f"kept[{layer!r}]"
         if layer not in sizes:
@@ -155,9 +154,6 @@ def _kept(v: Any, sizes: Dict[str, int], regions: Dict[str, Any], gates: Dict[st
                 _fail(f"{where}[{i}]", f"index {f} {'repeats' if f == previous else 'is out of order'}: "
                                        "kept indices must be sorted and unique")
             previous = f
-        if idx and layer in removed:
-            _fail(where, f"keeps {len(idx)} filter(s) but the layer is in region {removed[layer]!r}, which "
-                         "gates removes (gate 0): its filters must be empty")
     return v
 
 

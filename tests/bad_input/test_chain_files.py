@@ -33,13 +33,13 @@ def _set(path, value):
     return mutate
 
 
+def _unkept(d):
+    """A filter index of the first kept layer that the chain does not keep."""
+    return min(set(range(d["layer_sizes"][L(d)])) - set(d["kept"][L(d)]))
+
+
 def _delete(key):
     return lambda d: d.pop(key)
-
-
-def _kept_in_removed_region(d):
-    region = _region(d, 1)
-    d["gates"][region] = 0
 
 
 L, E = _layer, (lambda d: _layer(d, kept=False))
@@ -67,7 +67,7 @@ VARIANTS = [
     ("gate 2", _set(["gates", lambda d: _region(d, 1)], 2), "must be 0 (region removed) or 1 (kept), got 2"),
     ("gate 0.5", _set(["gates", lambda d: _region(d, 1)], 0.5), "must be 0 (region removed) or 1 (kept)"),
     ("gate unknown region", _set(["gates", "layer9"], 1), "gates['layer9']: names no region of regions"),
-    ("kept in removed region", _kept_in_removed_region, "which gates removes (gate 0): its filters must be empty"),
+    ("gate true", _set(["gates", lambda d: _region(d, 1)], True), "must be 0 (region removed) or 1 (kept), got True"),
     ("region unknown layer", _set(["regions", lambda d: _region(d, 1), "layers", 0], "conv9"),
      "'conv9' is not a layer of layer_sizes"),
     ("region kind", _set(["regions", lambda d: _region(d, 1), "kind"], "stage"), "must be one of ['block', 'layer']"),
@@ -82,7 +82,7 @@ VARIANTS = [
     ("class negative", _set(["classes", 0], -3), "classes[0]: class -3 out of range"),
     ("class_names a string", _set(["class_names"], "a,b"), "class_names: must be a list, got str"),
     ("family", _set(["family"], "alexnet"), "family: must be one of ['resnet', 'vgg', 'other']"),
-    ("strongest not kept", _set(["strongest_filters", "3", 0, 1], lambda d: min(set(range(16)) - set(d["kept"]["conv1"]))),
+    ("strongest not kept", _set(["strongest_filters", "3", 0, 1], _unkept),
      "is not a kept filter of 'conv1'"),
     ("strongest layer", _set(["strongest_filters", "3", 0, 0], "conv9"), "'conv9' names no layer of kept"),
     ("strongest class", _set(["strongest_filters", "5"], []), "strongest_filters['5']: must be keyed by one of"),

@@ -50,9 +50,9 @@ def make_chain(model: nn.Module, x: torch.Tensor, seed: int = 0, p_keep: float =
     all_gates = {r: int(rng.random() < p_gate) for r in g.regions}
     all_gates.update(gates or {})
     return Chain(kept=kept_all, scores=scores, gates=all_gates, config={}, seed=0, model_hash=hash_model(model),
-                 images_hash="", metrics={"filters_kept": sum(map(len, kept_all.values())),
-                                          "filters_total": sum(sizes.values())},
-                 layer_sizes=sizes, labels=dict(g.label_of),
+                 images_hash="0" * 64, metrics={"filters_kept": sum(map(len, kept_all.values())),
+                                                "filters_total": sum(sizes.values())},
+                 layer_sizes=sizes, labels={n: g.label_of[n] for n in [*sizes, *g.regions]},
                  regions={n: {"kind": r.kind, "layers": list(r.units)} for n, r in g.regions.items()},
                  input_shape=list(x.shape[1:]), class_names=None)
 
