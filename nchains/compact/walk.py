@@ -274,33 +274,11 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
         TypeError: on wrong argument types.
         ValueError: when ``model`` is not the chain's model or is not supported.
     """
-    if not isinstance(chain, Chain):
-        raise TypeError(f"chain must be an nchains.Chain, got {type(chain).__name__}")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(keep_scores, bool):
-        raise TypeError(f"keep_scores must be True or False, got {keep_scores!r}")
-    if scatter not in ("index_add", "gather"):
-        raise ValueError(f"scatter must be 'index_add' or 'gather', got {scatter!r}")
-    if max_pool not in ("separable", "native"):
-        raise ValueError(f"max_pool must be 'separable' or 'native', got {max_pool!r}")
-    if memory_format not in ("contiguous", "channels_last", "auto"):
-        raise ValueError(f"memory_format must be 'contiguous', 'channels_last' or 'auto', got {memory_format!r}")
-    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise ValueError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
-    if not chain.input_shape:
-        raise ValueError("chain has no input_shape; it cannot be compacted")
+    _check_arguments(chain, model, keep_scores, scatter, max_pool, memory_format, channel_multiple)
     chain.check_model(model)
     device, dtype = model_device_dtype(model)
     graph = graph_for(model, chain.input_shape, graph)
-    unknown = sorted(set(chain.layer_sizes) - set(graph.layers) - set(graph.linears))
-    if unknown:
-        raise ValueError(f"chain names layers the model does not have: {unknown[:5]}")
-    for name, size in chain.layer_sizes.items():
-        unit = graph.layers.get(name) or graph.linears.get(name)
-        width = unit.out_channels if isinstance(unit, ConvUnit) else unit.out_features
-        if width != size:
-            raise ValueError(f"chain layer {name!r} has {size} filters but the model's has {width}")
+    _check_layers(chain, graph)
     gates = {name: int(g) for name, g in chain.gates.items()}
     # Writing the graph reads many small host-side values (live channels, constants): on an
     # accelerator it works on a CPU copy, then the small result moves to the device.
@@ -321,6 +299,38 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
         with full_precision():  # no TF32 convs: both sides exact
             check_compact(gm, chain.apply(model, graph=graph), graph)
     return gm
+
+
+def _check_arguments(chain, model, keep_scores, scatter, max_pool, memory_format, channel_multiple) -> None:
+    """TypeError/ValueError naming the first bad argument of :func:`compact`."""
+    if not isinstance(chain, Chain):
+        raise TypeError(f"chain must be an nchains.Chain, got {type(chain).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(keep_scores, bool):
+        raise TypeError(f"keep_scores must be True or False, got {keep_scores!r}")
+    if scatter not in ("index_add", "gather"):
+        raise ValueError(f"scatter must be 'index_add' or 'gather', got {scatter!r}")
+    if max_pool not in ("separable", "native"):
+        raise ValueError(f"max_pool must be 'separable' or 'native', got {max_pool!r}")
+    if memory_format not in ("contiguous", "channels_last", "auto"):
+        raise ValueError(f"memory_format must be 'contiguous', 'channels_last' or 'auto', got {memory_format!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValueError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
+    if not chain.input_shape:
+        raise ValueError("chain has no input_shape; it cannot be compacted")
+
+
+def _check_layers(chain: Chain, graph: ModelGraph) -> None:
+    """ValueError unless every layer of the chain is a unit of ``graph`` of the same width."""
+    unknown = sorted(set(chain.layer_sizes) - set(graph.layers) - set(graph.linears))
+    if unknown:
+        raise ValueError(f"chain names layers the model does not have: {unknown[:5]}")
+    for name, size in chain.layer_sizes.items():
+        unit = graph.layers.get(name) or graph.linears.get(name)
+        width = unit.out_channels if isinstance(unit, ConvUnit) else unit.out_features
+        if width != size:
+            raise ValueError(f"chain layer {name!r} has {size} filters but the model's has {width}")
 
 
 def _channel_index_ops(gm: fx.GraphModule) -> int:
