@@ -53,6 +53,11 @@ def test_default_model_on_its_own_kind_of_images(tmp_path, capsys):
         predicted = sorted(set(zoo.default_model()(expected).argmax(1).tolist()))
     assert chain.classes == predicted
 
+    code, out, err = _run(capsys, "inspect", chain_path)
+    assert code == 0, err
+    names = ", ".join(zoo.FASHION_CLASSES[c] for c in predicted)
+    assert f"region: extracted for images the model classifies as {names}; outside this region" in out
+
     code, _, err = _run(capsys, "export", chain_path, "--out", tmp_path / "out", "--formats", "ts", "--quiet")
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
