@@ -278,7 +278,7 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
     chain.check_model(model)
     device, dtype = model_device_dtype(model)
     graph = graph_for(model, chain.input_shape, graph)
-    _check_layers(chain, graph)
+    chain.check_graph(graph)  # the chain's layers, widths and regions are the model's
     gates = {name: int(g) for name, g in chain.gates.items()}
     # Writing the graph reads many small host-side values (live channels, constants): on an
     # accelerator it works on a CPU copy, then the small result moves to the device.
@@ -319,18 +319,6 @@ def _check_arguments(chain, model, keep_scores, scatter, max_pool, memory_format
         raise ValueError(f"channel_multiple must be a positive int, got {channel_multiple!r}")
     if not chain.input_shape:
         raise ValueError("chain has no input_shape; it cannot be compacted")
-
-
-def _check_layers(chain: Chain, graph: ModelGraph) -> None:
-    """ValueError unless every layer of the chain is a unit of ``graph`` of the same width."""
-    unknown = sorted(set(chain.layer_sizes) - set(graph.layers) - set(graph.linears))
-    if unknown:
-        raise ValueError(f"chain names layers the model does not have: {unknown[:5]}")
-    for name, size in chain.layer_sizes.items():
-        unit = graph.layers.get(name) or graph.linears.get(name)
-        width = unit.out_channels if isinstance(unit, ConvUnit) else unit.out_features
-        if width != size:
-            raise ValueError(f"chain layer {name!r} has {size} filters but the model's has {width}")
 
 
 def _channel_index_ops(gm: fx.GraphModule) -> int:

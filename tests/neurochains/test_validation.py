@@ -194,14 +194,16 @@ def test_describe_lists_the_strongest_filters(extracted):
 
 # ---- the chain against the model -------------------------------------------------------------
 
-def test_apply_names_the_first_layer_whose_width_differs(extracted):
+def test_apply_and_compact_name_the_first_layer_whose_width_differs(extracted):
     net, _, chain = extracted
     bad = _copy(chain)
     bad.layer_sizes["layer1.0.conv2"] += 1
     bad.metrics["filters_total"] += 1
-    with pytest.raises(ValueError, match=r"the chain does not match the model: layer 'layer1.0.conv2' has 17 "
-                                         r"filters in the chain but 16 in the model"):
+    needle = "the chain does not match the model: layer 'layer1.0.conv2' has 17 filters in the chain but 16 in "
+    with pytest.raises(ValueError, match=needle):
         bad.apply(net)
+    with pytest.raises(ValueError, match=needle):
+        nchains.compact(bad, net)
 
 
 def test_apply_names_a_region_the_model_does_not_have(extracted):
