@@ -1,5 +1,16 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+# Test modules that hold model builders shared across the tree (tests/compact/test_compact.py:
+# make_chain, mixed_net...; tests/graph/test_analysis.py: UserCNN) import by their bare names,
+# whichever test file is run alone.
+_HERE = Path(__file__).resolve().parent
+for _sub in ("compact", "graph"):
+    if str(_HERE / _sub) not in sys.path:
+        sys.path.insert(0, str(_HERE / _sub))
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from nchains.graph import labels as _labels
+from nchains.graph.aliases import redirect_mutated_readers
 from nchains.graph.dag import UnitDAG, build_dag, walk_up
 from nchains.graph.classify import _CHANNEL_PRESERVING, _operands, _where, classify, is_leaf, is_tensor, shape_of
 from nchains.graph.regions import Region, _regions
@@ -226,6 +227,31 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def _check_trace(model: nn.Module, example_input: torch.Tensor, traced_out) -> None:
+    """ValueError unless the traced graph computes what ``model`` computes on the example.
+
+    Every rewrite (scored, compact, exported models) is built from the trace, and their
+    self-checks compare with it; a trace that is not the model (``keep = y; y += f(y)`` traces
+    as an out-of-place add, data-dependent Python branches are frozen) must stop here."""
+    if example_input.device.type == "meta":  # shapes only: there are no values to compare
+        return
+    with torch.no_grad():
+        want = model(example_input.clone())
+    pairs = [(want, traced_out)] if isinstance(want, torch.Tensor) else list(
+        zip(want, traced_out)) if isinstance(want, (tuple, list)) and isinstance(traced_out, (tuple, list)) else []
+    for w, t in pairs:
+        if not (isinstance(w, torch.Tensor) and isinstance(t, torch.Tensor) and w.is_floating_point()):
+            continue
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        diff = float((w - t).abs().max()) if w.shape == t.shape else float("inf")
+        tol = (1e-9 if w.dtype == torch.float64 else 1e-4) * max(scale, 1.0)
+        if not diff <= tol:
+            raise ValueError(f"model's torch.fx trace does not compute what the model computes (max |difference| "
+                             f"{diff:.3g} on the example input): an in-place update read through an alias "
+                             "(keep = y; y += ...) or a branch on tensor values cannot be traced; write it "
+                             "out-of-place")
+
+
 def analyze(model: nn.Module, example_input: torch.Tensor) -> ModelGraph:
     """Analyse a CNN for scoring, gating, contributions and export.
 
@@ -250,17 +276,19 @@ def analyze(model: nn.Module, example_input: torch.Tensor) -> ModelGraph:
                         f"got {type(example_input).__name__}")
     model.eval()
     gm = _trace(model)
+    redirect_mutated_readers(gm)  # rewrites that make in-place ops out-of-place stay exact
     prop = _ShapeProp(gm)
     try:
         # ShapeProp prints the traceback of a failing node; the ValueError below carries it.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            prop.propagate(example_input)
+            traced_out = prop.propagate(example_input.clone())
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ValueError(f"example_input of shape {tuple(example_input.shape)} could not run "
                          f"through the model at module {_where(prop.current)!r} "
                          f"({prop.current.format_node()}): {type(cause).__name__}: {cause}"
                          ) from exc
+    _check_trace(model, example_input, traced_out)
     kinds = {n: classify(gm, n) for n in gm.graph.nodes if n.op not in ("placeholder", "output")}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     layers: Dict[str, ConvUnit] = {}

@@ -7,8 +7,6 @@ classifier weights.
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +18,7 @@ import nchains.instrument.scored_model as scoring
 from nchains.graph.analysis import analyze
 from nchains.instrument.scored_model import ScoredModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "graph"))
-from test_analysis import UserCNN  # noqa: E402
+from test_analysis import UserCNN
 
 OPEN = 50.0  # sigmoid(50 / 0.2) == 1.0 exactly in float32: the gate passes f(x) unchanged
 
