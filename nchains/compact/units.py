@@ -119,27 +119,11 @@ class _UnitBuilder(_Emitter):
             zero_act = act is None or not _nonzero(act(zeros))
             out_pad = self.padding(len(live_out)) if zero_act else 0
 
-        # Uneven groups are padded: extra inputs repeat a live channel with zero weights, extra
-        # filters have zero weights and are dropped after the conv.
-        n_in = max(len(i) for i, _ in groups)
-        n_out = max(len(o) for _, o in groups)
-        select: List[int] = []
-        n_slots = len(groups) * n_out  # then out_pad zero channels
-        slots = torch.full((n_slots + out_pad,), -1, dtype=torch.long)  # original filter per slot
         w64, b64 = _fold64(conv, bn)
         raw_w = conv.weight.detach()
         source = raw_w if self.keep_scores else (w64 * score.view(-1, 1, 1, 1)).to(raw_w.dtype)
-        weight = torch.zeros(len(slots), n_in, *u.kernel_size, dtype=raw_w.dtype)
-        for j, (ins, outs) in enumerate(groups):
-            pos = _positions(s_in.live, ins)
-            select += pos + [pos[0]] * (n_in - len(ins))
-            o = torch.as_tensor(outs)
-            slots[j * n_out: j * n_out + len(outs)] = o
-            weight[j * n_out: j * n_out + len(outs), : len(ins)] = source[o][:, torch.as_tensor(ins) % cin_g]
-        if u.groups == 1 and s_in.pad:  # the input's zero channels, read with zero weights
-            select += list(range(len(s_in.live), s_in.width))
-            n_in = s_in.width
-            weight = torch.cat([weight, weight.new_zeros(len(slots), s_in.pad, *u.kernel_size)], 1)
+        weight, select, slots, n_in, s_in = self._packed_weight(u, s_in, groups, source, out_pad)
+        n_slots = len(slots) - out_pad
         x = s_in.node
         if select != list(range(s_in.width)):
             x = self.call(torch.index_select, x, 1, self.buffer(torch.as_tensor(select), f"{u.name}_in"))
@@ -147,16 +131,7 @@ class _UnitBuilder(_Emitter):
         o_real = slots[real]
         bias = torch.zeros(len(slots), dtype=torch.float64)
         bias[real] = (b64 * score)[o_real]
-        scale = torch.ones(len(slots), dtype=torch.float64)
-        scale[real] = score[o_real]
-        # Contribution of the constant input channels (exact, including zero-padding borders).
-        corr = None
-        if _nonzero(s_in.const):
-            ref_w = raw_w.double() if self.keep_scores else w64 * score.view(-1, 1, 1, 1)
-            maps = F.conv2d(_pre_pad(s_in.const.unsqueeze(0).double(), u), ref_w, None, u.stride, u.padding,
-                            u.dilation, u.groups)[0]
-            corr = torch.zeros(len(slots), *maps.shape[1:], dtype=torch.float64)
-            corr[real] = maps[o_real]
+        corr = self._constant_input_maps(u, s_in, slots, raw_w, w64, score)
         keep_bias = self.keep_scores and conv.bias is not None
         if corr is not None and not self.keep_scores and bool((corr == corr[:, :1, :1]).all()):
             bias += corr[:, 0, 0]
@@ -181,6 +156,8 @@ class _UnitBuilder(_Emitter):
             if bn is not None:
                 bn_new = _slice_bn(bn, [o if o >= 0 else None for o in slots.tolist()])
                 out = self.g.call_module(self.module(bn_new, u.bn), (out,))
+            scale = torch.ones(len(slots), dtype=torch.float64)
+            scale[real] = score[o_real]
             out = self.call(operator.mul, out, self.buffer(scale.to(raw_w.dtype).view(1, -1, 1, 1),
                                                            f"{u.name}_score"))
         if act is not None:
@@ -192,6 +169,45 @@ class _UnitBuilder(_Emitter):
                                "in": [c for ins, _ in groups for c in ins]}
         self.taps[u.name] = (out, live_out)
         return _State(out, live_out, const, out_pad)
+
+    def _packed_weight(self, u: ConvUnit, s_in: _State, groups, source: torch.Tensor, out_pad: int):
+        """The compact conv's weight ``[slots, n_in, kh, kw]``, which input positions it reads
+        (``select``) and the original filter of each output slot (-1: zero padding).
+
+        Uneven groups are padded: extra inputs repeat a live channel with zero weights, extra
+        filters have zero weights and are dropped after the conv. Returns
+        ``(weight, select, slots, n_in, s_in)``."""
+        cin_g = u.in_channels // u.groups
+        n_in = max(len(i) for i, _ in groups)
+        n_out = max(len(o) for _, o in groups)
+        select: List[int] = []
+        slots = torch.full((len(groups) * n_out + out_pad,), -1, dtype=torch.long)  # original filter per slot
+        weight = torch.zeros(len(slots), n_in, *u.kernel_size, dtype=source.dtype)
+        for j, (ins, outs) in enumerate(groups):
+            pos = _positions(s_in.live, ins)
+            select += pos + [pos[0]] * (n_in - len(ins))
+            o = torch.as_tensor(outs)
+            slots[j * n_out: j * n_out + len(outs)] = o
+            weight[j * n_out: j * n_out + len(outs), : len(ins)] = source[o][:, torch.as_tensor(ins) % cin_g]
+        if u.groups == 1 and s_in.pad:  # the input's zero channels, read with zero weights
+            select += list(range(len(s_in.live), s_in.width))
+            n_in = s_in.width
+            weight = torch.cat([weight, weight.new_zeros(len(slots), s_in.pad, *u.kernel_size)], 1)
+        return weight, select, slots, n_in, s_in
+
+    def _constant_input_maps(self, u: ConvUnit, s_in: _State, slots: torch.Tensor, raw_w: torch.Tensor,
+                             w64: torch.Tensor, score: torch.Tensor) -> Optional[torch.Tensor]:
+        """Contribution of the constant input channels to each output slot, ``[slots, H, W]``
+        in float64 (exact, zero-padding borders included); None when they are all zero."""
+        if not _nonzero(s_in.const):
+            return None
+        real = slots >= 0
+        ref_w = raw_w.double() if self.keep_scores else w64 * score.view(-1, 1, 1, 1)
+        maps = F.conv2d(_pre_pad(s_in.const.unsqueeze(0).double(), u), ref_w, None, u.stride, u.padding,
+                        u.dilation, u.groups)[0]
+        corr = torch.zeros(len(slots), *maps.shape[1:], dtype=torch.float64)
+        corr[real] = maps[slots[real]]
+        return corr
 
     def _enlarging_pool(self, u: LinearUnit, s_in: _State) -> Optional[Tuple[fx.Node, torch.Tensor]]:
         """``(flatten(x), P)`` when the Linear reads ``flatten(adaptive_avg_pool2d(x))`` and the

@@ -228,6 +228,20 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
 
     with full_precision():  # its self-check compares exact computations (no TF32 convs)
         sm = ScoredModel(graph, score_linear=cfg.score_linear, temperature=cfg.temperature)
+    run = _optimise(sm, graph, images, target_logp, cfg, progress)
+    model_hash = hash_model(model)
+    if model_spec is None:  # a chain of the shipped model knows it, so `nchains export` needs no --model
+        from nchains.models.spec import spec_of_model_hash
+
+        model_spec = spec_of_model_hash(model_hash)
+    return _chain_of(sm, graph, images, target_logits, cfg, run, t0, family=family, model_hash=model_hash,
+                     class_names=class_names, model_spec=model_spec)
+
+
+def _optimise(sm: ScoredModel, graph: ModelGraph, images: torch.Tensor, target_logp: torch.Tensor,
+              cfg: NeuroChainsConfig, progress: bool) -> Dict[str, object]:
+    """Scoring phase, thresholds, hard switch and (when the KL asks for it) fine-tuning; leaves
+    ``sm`` in hard eval mode and returns the gates, loss histories and the KL before fine-tuning."""
     sm.train()
 
     def loss_fn():
@@ -244,7 +258,15 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         if cfg.finetune and cfg.finetune_steps > 0 and kl_after > cfg.finetune_kl:
             finetune_history = _finetune(sm, images, target_logp, cfg, progress)
     sm.eval()
+    return {"gates": gates, "history": history, "finetune_history": finetune_history, "kl_after": kl_after}
 
+
+def _chain_of(sm: ScoredModel, graph: ModelGraph, images: torch.Tensor, target_logits: torch.Tensor,
+              cfg: NeuroChainsConfig, run: Dict[str, object], t0: float, *, family: str, model_hash: str,
+              class_names: Optional[Sequence[str]], model_spec: Optional[dict]) -> Chain:
+    """The Chain of a finished extraction: kept filters and scores, metrics on the hard model,
+    the strongest filter per class and layer."""
+    gates, history, finetune_history = run["gates"], run["history"], run["finetune_history"]
     final = {name: sm.hard_score(name).detach().clone() for name, _ in sm.named_scores()}
     kept = {name: torch.nonzero(s != 0).flatten().tolist() for name, s in final.items()}
     kept_values = {name: [float(final[name][i]) for i in idx] for name, idx in kept.items()}
@@ -257,7 +279,7 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
         "layers_total": len(kept),
         "regions_kept": sum(gates.values()),
         "regions_total": len(gates),
-        "kl_before_finetune": kl_after,
+        "kl_before_finetune": run["kl_after"],
         "steps_run": len(history),
         "finetune_steps_run": len(finetune_history),
         "seconds": 0.0,
@@ -265,19 +287,13 @@ def extract(model: nn.Module, images: torch.Tensor, config: Optional[NeuroChains
     classes = target_logits.argmax(1)
     strongest = strongest_filters(sm, images, kept, classes)
     metrics["seconds"] = time.perf_counter() - t0
-    names = list(class_names) if class_names is not None else None
-    model_hash = hash_model(model)
-    if model_spec is None:  # a chain of the shipped model knows it, so `nchains export` needs no --model
-        from nchains.models.spec import spec_of_model_hash
-
-        model_spec = spec_of_model_hash(model_hash)
     return Chain(
         kept=kept, scores=kept_values, gates=gates, config=cfg.to_dict(), seed=cfg.seed,
         model_hash=model_hash, images_hash=hash_tensor(images), metrics=metrics,
         layer_sizes=sizes, labels={n: graph.label_of.get(n, n) for n in [*sizes, *gates]},
         regions={name: {"kind": r.kind, "layers": list(r.units)} for name, r in graph.regions.items()},
         input_shape=list(images.shape[1:]), family=family,
-        classes=sorted(set(classes.tolist())), class_names=names,
+        classes=sorted(set(classes.tolist())), class_names=list(class_names) if class_names is not None else None,
         strongest_filters={str(c): [[layer, idx, contrib] for layer, idx, contrib in p]
                            for c, p in strongest.items()},
         history={"scoring": history, "finetune": finetune_history}, model_spec=model_spec,
