@@ -25,32 +25,12 @@ class _TorchFunctions:
         x = a(b.get("self", b.get("input")))
         act = _act_module(name, b)
         if act is not None:
-            fn = {nn.ReLU: torch.relu, nn.ReLU6: F.relu6, nn.SiLU: F.silu,
-                  nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh, nn.Hardswish: F.hardswish,
-                  nn.Hardsigmoid: F.hardsigmoid, nn.Mish: F.mish, nn.SELU: F.selu}.get(type(act))
-            if fn is not None:
-                return fn, (x,), {}
-            params = {nn.GELU: {"approximate": b.get("approximate")},
-                      nn.LeakyReLU: {"negative_slope": b.get("negative_slope")},
-                      nn.Hardtanh: {"min_val": b.get("min_val"), "max_val": b.get("max_val")},
-                      nn.ELU: {"alpha": b.get("alpha")}, nn.CELU: {"alpha": b.get("alpha")},
-                      nn.Softplus: {"beta": b.get("beta"), "threshold": b.get("threshold")}}
-            fn = {nn.GELU: F.gelu, nn.LeakyReLU: F.leaky_relu, nn.Hardtanh: F.hardtanh,
-                  nn.ELU: F.elu, nn.CELU: F.celu, nn.Softplus: F.softplus}[type(act)]
-            return fn, (x,), params[type(act)]
+            return _activation(act, b, x)
         if name in ("dropout", "feature_dropout"):
             return None, x, None
-        if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"):
-            stride = _pair(b["stride"]) if b["stride"] else None
-            if name == "avg_pool2d":
-                return F.avg_pool2d, (x, _pair(b["kernel_size"]), stride, _pair(b["padding"]),
-                                      b["ceil_mode"], b["count_include_pad"],
-                                      b["divisor_override"]), {}
-            return F.max_pool2d, (x, _pair(b["kernel_size"]), stride, _pair(b["padding"]),
-                                  _pair(b["dilation"]), b["ceil_mode"]), {}
-        if name in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
-            fn = F.adaptive_max_pool2d if name == "adaptive_max_pool2d" else F.adaptive_avg_pool2d
-            return fn, (x, a(b["output_size"])), {}
+        if name in ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d",
+                    "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
+            return _pool(name, b, x, a)
         if name in ("add", "sub", "rsub"):
             other, alpha = a(b["other"]), b.get("alpha", 1)
             if name == "rsub":
@@ -130,3 +110,34 @@ class _TorchFunctions:
             self.chain[batch] = self._keys
             return "reshape", (x, batch, *a(size[1:])), {}
         return "reshape", (x, *a(size)), {}
+
+
+def _activation(act: nn.Module, b, x):
+    """(function, args, kwargs) of an activation module's functional form."""
+    fn = {nn.ReLU: torch.relu, nn.ReLU6: F.relu6, nn.SiLU: F.silu,
+          nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh, nn.Hardswish: F.hardswish,
+          nn.Hardsigmoid: F.hardsigmoid, nn.Mish: F.mish, nn.SELU: F.selu}.get(type(act))
+    if fn is not None:
+        return fn, (x,), {}
+    params = {nn.GELU: {"approximate": b.get("approximate")},
+              nn.LeakyReLU: {"negative_slope": b.get("negative_slope")},
+              nn.Hardtanh: {"min_val": b.get("min_val"), "max_val": b.get("max_val")},
+              nn.ELU: {"alpha": b.get("alpha")}, nn.CELU: {"alpha": b.get("alpha")},
+              nn.Softplus: {"beta": b.get("beta"), "threshold": b.get("threshold")}}
+    fn = {nn.GELU: F.gelu, nn.LeakyReLU: F.leaky_relu, nn.Hardtanh: F.hardtanh,
+          nn.ELU: F.elu, nn.CELU: F.celu, nn.Softplus: F.softplus}[type(act)]
+    return fn, (x,), params[type(act)]
+
+
+def _pool(name: str, b, x, a):
+    """(function, args, kwargs) of a 2-d (adaptive) max or average pooling op."""
+    if name in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
+        fn = F.adaptive_max_pool2d if name == "adaptive_max_pool2d" else F.adaptive_avg_pool2d
+        return fn, (x, a(b["output_size"])), {}
+    stride = _pair(b["stride"]) if b["stride"] else None
+    if name == "avg_pool2d":
+        return F.avg_pool2d, (x, _pair(b["kernel_size"]), stride, _pair(b["padding"]),
+                              b["ceil_mode"], b["count_include_pad"],
+                              b["divisor_override"]), {}
+    return F.max_pool2d, (x, _pair(b["kernel_size"]), stride, _pair(b["padding"]),
+                          _pair(b["dilation"]), b["ceil_mode"]), {}
