@@ -18,13 +18,7 @@ RESNETS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnex
 VGGS = ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine has 2 cores shared with builds; oversubscribed BLAS threads are 100x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _meta(name: str):

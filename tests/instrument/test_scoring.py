@@ -23,12 +23,7 @@ from test_analysis import UserCNN
 OPEN = 50.0  # sigmoid(50 / 0.2) == 1.0 exactly in float32: the gate passes f(x) unchanged
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
