@@ -71,11 +71,18 @@ def random_digits_net(seed: int = 0) -> DigitsNet:
     """DigitsNet with seeded random weights and BatchNorm statistics, untrained: every model has
     chains, and building one costs nothing (for tests of the extraction machinery)."""
     torch.manual_seed(seed)
-    model = DigitsNet().eval()
+    return uniform_bn(DigitsNet().eval(), var_max=2.0)
+
+
+def uniform_bn(model: nn.Module, var_max: float, bias: bool = False) -> nn.Module:
+    """Draws every BatchNorm2d's running mean U(-0.2, 0.2), running variance U(0.5, var_max),
+    weight U(0.5, 1.5) and, with ``bias``, bias U(-0.2, 0.2) from torch's global generator."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2)
+                m.running_var.uniform_(0.5, var_max)
                 m.weight.uniform_(0.5, 1.5)
+                if bias:
+                    m.bias.uniform_(-0.2, 0.2)
     return model

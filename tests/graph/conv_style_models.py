@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _models import uniform_bn
+
 
 class StaticPadConv(nn.Conv2d):
     """Pads ``(0, 1, 0, 1)`` with an ``nn.ZeroPad2d`` (TF's "same" for stride 2 on even
@@ -94,14 +96,7 @@ class StyleNet(nn.Module):
 def style_net(conv, seed: int = 0, dtype=torch.float32) -> StyleNet:
     """A StyleNet with seeded weights and non-trivial BN statistics, in eval mode."""
     torch.manual_seed(seed)
-    net = StyleNet(conv)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
+    net = uniform_bn(StyleNet(conv), var_max=1.5, bias=True)
     return net.to(dtype).eval()
 
 
