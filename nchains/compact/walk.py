@@ -214,7 +214,8 @@ class _Builder(_JoinBuilder):
 
 def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = None, keep_scores: bool = False,
             scatter: str = "index_add", channel_multiple: int = 1, max_pool: str = "separable",
-            memory_format: str = "contiguous", check: bool = True) -> fx.GraphModule:
+            memory_format: str = "contiguous", check: bool = True,
+            masked: Optional[nn.Module] = None) -> fx.GraphModule:
     """The chain as a small standalone model made of plain PyTorch ops.
 
     Pruned filters are removed together with the matching input channels of every consumer,
@@ -263,6 +264,9 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
             on two random inputs of the chain's shape, every unit's computed channels and the
             logits must equal the masked model's (``chain.apply(model)``, itself checked against
             the original), else a ValueError names the first diverging unit.
+        masked (nn.Module): ``chain.apply(model, graph=graph)`` when the caller has built it
+            already (``export`` checks several compact graphs against one); default: built
+            here for the check.
 
     Returns:
         torch.fx.GraphModule in eval mode mapping ``Tensor[N, *chain.input_shape]`` to the
@@ -297,7 +301,7 @@ def compact(chain: Chain, model: nn.Module, *, graph: Optional[ModelGraph] = Non
     gm = gm.eval().requires_grad_(False)
     if check:
         with full_precision():  # no TF32 convs: both sides exact
-            check_compact(gm, chain.apply(model, graph=graph), graph)
+            check_compact(gm, masked if masked is not None else chain.apply(model, graph=graph), graph)
     return gm
 
 

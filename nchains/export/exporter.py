@@ -160,6 +160,7 @@ class _References:
     dtype: torch.dtype
     graph: ModelGraph  # the one analysis every compact graph is built from
     compact_check: Dict[str, Any]  # the default compact graph against the masked model, on the model's device
+    masked: nn.Module  # chain.apply(model), on the model's device: every compact graph's self-check reference
 
     @property
     def n_out(self) -> int:
@@ -176,7 +177,7 @@ def _references(chain: Chain, model: nn.Module, images: Optional[torch.Tensor], 
     inputs, input_info = _inputs(chain, images, n_random, dtype, images_note)
     on_device = {name: x.to(device) for name, x in inputs.items()}
     masked = chain.apply(model, graph=graph)
-    gm = compact(chain, model, keep_scores=keep_scores, graph=graph)
+    gm = compact(chain, model, keep_scores=keep_scores, graph=graph, masked=masked)
     with full_precision(), torch.no_grad():  # exact float32 on GPUs too (no TF32 convs)
         refs = {name: masked(x) for name, x in on_device.items()}
         check = _compare("compact", gm, on_device, refs)
@@ -188,10 +189,10 @@ def _references(chain: Chain, model: nn.Module, images: Optional[torch.Tensor], 
         raise ExportError(f"the compact model does not match the masked model: {check['failure']}; "
                           "nothing was written (please report this as a bug)")
     if device.type != "cpu":  # the artifacts are CPU artifacts: their reference runs there too
-        masked = copy.deepcopy(masked).to("cpu")
+        on_cpu = copy.deepcopy(masked).to("cpu")
         with torch.no_grad():
-            refs = {name: masked(x) for name, x in inputs.items()}
-    return _References(gm, inputs, input_info, refs, names, dtype, graph, check)
+            refs = {name: on_cpu(x) for name, x in inputs.items()}
+    return _References(gm, inputs, input_info, refs, names, dtype, graph, check, masked)
 
 
 def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _References, meta: Dict[str, Any],
@@ -208,7 +209,8 @@ def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _R
             key = tuple(options.items())
             if key not in graphs:
                 # the exporters trace and serialize on the CPU (an accelerator model's compact graph moves)
-                graphs[key] = compact(chain, model, keep_scores=keep_scores, graph=ref.graph, **options).to("cpu")
+                graphs[key] = compact(chain, model, keep_scores=keep_scores, graph=ref.graph, masked=ref.masked,
+                                      **options).to("cpu")
             programs[fmt], how = exporter.prepare(graphs[key], example)
             exporter.plain(programs[fmt])
             run = exporter.load(exporter.serialize(programs[fmt], dumps(meta)))
