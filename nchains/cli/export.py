@@ -122,11 +122,11 @@ def _spec(args, chain) -> dict:
 def _folder_images(args, chain, spec, model) -> torch.Tensor:
     """``--images DIR`` preprocessed like the chain's own images (their record, else the model's
     default), ``--size``/``--preprocessing`` overriding."""
-    from nchains.cli.extract import _in_channels
+    from nchains.cli._inputs import in_channels
     from nchains.models.images import load_image_folder
     from nchains.models.spec import spec_preprocessing
 
-    pre = spec_preprocessing(spec, _in_channels(model))
+    pre = spec_preprocessing(spec, in_channels(model))
     source = chain.images_source or {}
     if source.get("kind") == "folder":
         pre = {k: source.get(k, pre[k]) for k in pre}
