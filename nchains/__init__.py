@@ -17,8 +17,9 @@ from nchains.neurochains.config import NeuroChainsConfig
 from nchains.neurochains.extraction import extract
 from nchains.export.exporter import ExportError, export
 from nchains.instrument.scored_model import ScoredModel
+from nchains.critical_paths import CriticalPath, critical_path, critical_paths
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG", "analyze", "compact",
-           "export", "extract", "ops", "zoo", "__version__"]
+__all__ = ["Chain", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG", "analyze",
+           "compact", "critical_path", "critical_paths", "export", "extract", "ops", "zoo", "__version__"]

@@ -50,13 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     from nchains.cli import export as cli_export
     from nchains.cli import extract as cli_extract
     from nchains.cli import inspect as cli_inspect
+    from nchains.cli import paths as cli_paths
 
     parser = _Parser(prog="nchains", description="Extract, export and analyse local inference chains of CNNs.")
     parser.add_argument("--version", action="version", version=f"nchains {_version()}")
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the Python traceback instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (cli_extract, cli_export, cli_inspect):
+    for module in (cli_extract, cli_export, cli_inspect, cli_paths):
         module.add_command(sub)
     return parser
 

@@ -9,7 +9,7 @@ methods the paper compares with (InputIntGrad, InputMCT).
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,15 +20,15 @@ from nchains.critical_paths.path_model import PathModel, SiteGate, build_path_mo
 from nchains.critical_paths.selection import kept_count, select, threshold
 from nchains.graph.analysis import ModelGraph, graph_for
 
-__all__ = ["CriticalPath", "METHODS", "PathModel", "SiteGate", "build_path_model", "critical_path", "input_intgrad",
-           "input_mct", "kept_count", "neuron_contributions", "select", "threshold"]
+__all__ = ["CriticalPath", "METHODS", "PathModel", "SiteGate", "build_path_model", "critical_path", "critical_paths",
+           "input_intgrad", "input_mct", "kept_count", "neuron_contributions", "select", "threshold"]
 
 #: Contribution methods: NeuronIntGrad (signed neuron IG, zero baseline) and NeuronMCT (|a·∂Φ/∂a|).
 METHODS = ("intgrad", "mct")
 
 
 def neuron_contributions(model: nn.Module, image: torch.Tensor, method: str = "intgrad", target: int = 0,
-                         steps: int = 50, graph: Optional[ModelGraph] = None):
+                         steps: int = 50, graph: Optional[ModelGraph] = None, progress: bool = False):
     """The contribution of every neuron of every activation site at one image.
 
     ``"mct"``: NeuronMCT ``|a·∂Φ/∂a|`` (the paper's Taylor estimate of the marginal
@@ -45,13 +45,55 @@ def neuron_contributions(model: nn.Module, image: torch.Tensor, method: str = "i
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     c = contributions(model, image, target=target, method="taylor" if method == "mct" else "intgrad",
-                      layers="activations", unit="neuron", absolute=method == "mct", steps=steps, graph=graph)
+                      layers="activations", unit="neuron", absolute=method == "mct", steps=steps, graph=graph,
+                      progress=progress)
     return {key: value[0].detach() for key, value in c.items()}
+
+
+def _check_args(model, sparsities, method, steps, constants) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for s in sparsities:
+        kept_count(s, 0)  # range checks before any work
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100_000:
+        raise ValueError(f"steps must be an int in [1, 100000], got {steps!r}")
+    if constants not in ("original", "zero"):
+        raise ValueError(f"constants must be 'original' or 'zero', got {constants!r}")
+
+
+def critical_paths(model: nn.Module, image: torch.Tensor, sparsities: Sequence[float], method: str = "intgrad",
+                   target: Union[int, str] = "pred", steps: int = 50, constants: str = "original",
+                   graph: Optional[ModelGraph] = None, per_layer: bool = False, progress: bool = False
+                   ) -> List[CriticalPath]:
+    """:func:`critical_path` at several sparsities, from one computation of the contributions.
+
+    Returns:
+        list[CriticalPath], one per entry of ``sparsities``, in that order.
+    """
+    if isinstance(sparsities, (str, bytes)) or not isinstance(sparsities, Sequence) or not sparsities:
+        raise TypeError(f"sparsities must be a non-empty sequence of numbers in [0, 1], got {sparsities!r}")
+    _check_args(model, sparsities, method, steps, constants)
+    model.eval()
+    x = check_image(image, model)
+    graph = graph_for(model, x.shape[1:], graph, example=x)
+    with torch.no_grad():
+        t = resolve_target(target, model(x))
+    scores = neuron_contributions(model, x, method, t, steps, graph, progress)
+    out = []
+    for sparsity in sparsities:
+        path = CriticalPath(model, x, select(scores, sparsity, per_layer=per_layer), target=t, method=method,
+                            contributions=scores, graph=graph, requested_sparsity=sparsity)
+        path.linear_model(constants)
+        out.append(path)
+    return out
 
 
 def critical_path(model: nn.Module, image: torch.Tensor, sparsity: float = 0.9, method: str = "intgrad",
                   target: Union[int, str] = "pred", steps: int = 50, constants: str = "original",
-                  graph: Optional[ModelGraph] = None, per_layer: bool = False) -> CriticalPath:
+                  graph: Optional[ModelGraph] = None, per_layer: bool = False, progress: bool = False
+                  ) -> CriticalPath:
     """The sparse critical path of ``model``'s response to ``image``.
 
     Args:
@@ -66,6 +108,7 @@ def critical_path(model: nn.Module, image: torch.Tensor, sparsity: float = 0.9, 
             available through :meth:`CriticalPath.linear_model`).
         graph (ModelGraph): ``nchains.analyze(model, image)`` to reuse.
         per_layer (bool): rank each site on its own instead (for comparison; not the paper's).
+        progress (bool): a progress bar over the contribution computation.
 
     Returns:
         CriticalPath (``.mask``, ``.sparsity``, ``.contributions``, ``.attribution()``...).
@@ -73,23 +116,5 @@ def critical_path(model: nn.Module, image: torch.Tensor, sparsity: float = 0.9, 
     Raises:
         TypeError, ValueError: on a bad argument (checked before any work).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    kept_count(sparsity, 0)  # range checks before any work
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 100_000:
-        raise ValueError(f"steps must be an int in [1, 100000], got {steps!r}")
-    if constants not in ("original", "zero"):
-        raise ValueError(f"constants must be 'original' or 'zero', got {constants!r}")
-    model.eval()
-    x = check_image(image, model)
-    graph = graph_for(model, x.shape[1:], graph, example=x)
-    with torch.no_grad():
-        t = resolve_target(target, model(x))
-    scores = neuron_contributions(model, x, method, t, steps, graph)
-    mask = select(scores, sparsity, per_layer=per_layer)
-    path = CriticalPath(model, x, mask, target=t, method=method, contributions=scores, graph=graph,
-                        requested_sparsity=sparsity)
-    path.linear_model(constants)
-    return path
+    _check_args(model, [sparsity], method, steps, constants)
+    return critical_paths(model, image, [sparsity], method, target, steps, constants, graph, per_layer, progress)[0]

@@ -32,7 +32,7 @@ from torch import nn
 from nchains._util.io import PathLike, hash_model, write_atomic
 from nchains.graph.analysis import ModelGraph
 
-__all__ = ["FORMAT", "VERSION", "load_path", "save_path"]
+__all__ = ["FORMAT", "VERSION", "load_path", "path_bytes", "save_path"]
 
 FORMAT = "nchains-critical-path"
 VERSION = 1
@@ -48,14 +48,9 @@ def _meta(path, model_hash: str, spec, with_contrib: bool) -> Dict[str, Any]:
             "sites": [{k: s[k] for k in ("key", "label", "shape", "kept")} for s in summary["sites"]]}
 
 
-def save_path(path, file: PathLike, contributions: bool = True) -> None:
-    """Writes the :class:`~nchains.critical_paths.path.CriticalPath` ``path`` to ``file`` atomically.
-
-    Args:
-        path (CriticalPath): the path.
-        file (path-like): destination (``.npz`` recommended); replaced in one rename.
-        contributions (bool): also store the contributions (when the path has them).
-    """
+def path_bytes(path, contributions: bool = True) -> bytes:
+    """The file contents of the :class:`~nchains.critical_paths.path.CriticalPath` ``path`` (see
+    the module docstring); ``contributions``: also store them (when the path has them)."""
     from nchains.models.spec import spec_of_model_hash
 
     if not isinstance(contributions, bool):
@@ -70,7 +65,12 @@ def save_path(path, file: PathLike, contributions: bool = True) -> None:
             arrays[f"contrib_{i}"] = path.contributions[s.key].detach().cpu().numpy()
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    write_atomic(file, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_path(path, file: PathLike, contributions: bool = True) -> None:
+    """Writes :func:`path_bytes` to ``file`` atomically (one rename: the previous file or the new one)."""
+    write_atomic(file, path_bytes(path, contributions))
 
 
 def _read(file: PathLike) -> Dict[str, np.ndarray]:
