@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from nchains.graph.analysis import ConvUnit
-from nchains.neurochains.analyses._common import DEFAULT_BATCH, build_context, fidelity_numbers, logits_of
-from nchains.neurochains.config import NeuroChainsConfig
+from nchains.neurochains.analyses._common import (DEFAULT_BATCH, build_context, check_int, fidelity_numbers,
+                                                  logits_of)
+from nchains.neurochains.config import MAX_STEPS, NeuroChainsConfig
 
 __all__ = ["magnitude_baseline", "magnitude_chain", "plot_magnitude", "weight_norms"]
 
@@ -47,10 +48,12 @@ def magnitude_chain(chain, graph):
     return dataclasses.replace(chain, kept=kept, scores=scores, strongest_filters={}, history={})
 
 
-def _finetune(sm, images, p_logits, chain, progress: bool) -> int:
+def _finetune(sm, images, p_logits, chain, steps: Optional[int], progress: bool) -> int:
     from nchains.neurochains.extraction import _finetune as finetune_scores
 
     cfg = NeuroChainsConfig.from_dict(chain.config)
+    if steps is not None:
+        cfg = cfg.replace(finetune_steps=check_int("finetune_steps", steps, 0, MAX_STEPS))
     if cfg.finetune_steps == 0:
         return 0
     sm.train()
@@ -62,7 +65,7 @@ def _finetune(sm, images, p_logits, chain, progress: bool) -> int:
 
 
 def magnitude_baseline(chain, model=None, images: Optional[torch.Tensor] = None, *, finetune: bool = True,
-                       masked=None, graph=None, batch_size: int = DEFAULT_BATCH, progress: bool = False
+                       finetune_steps: Optional[int] = None, masked=None, graph=None, batch_size: int = DEFAULT_BATCH, progress: bool = False
                        ) -> Dict[str, Any]:
     """KL, agreement and probability drop of the chain and of the magnitude baseline.
 
@@ -72,6 +75,7 @@ def magnitude_baseline(chain, model=None, images: Optional[torch.Tensor] = None,
         images (Tensor[N, *chain.input_shape]): the chain's images (the baseline is fine-tuned
             and measured on them, as the chain was).
         finetune (bool): fine-tune the baseline's scores (see the module docstring).
+        finetune_steps (int): its Adam steps, in [0, 10**6] (default: the chain's ``finetune_steps``).
         masked, graph, batch_size: as for :func:`~.faithfulness.faithfulness`.
         progress (bool): the fine-tuning's progress bar.
 
@@ -82,6 +86,8 @@ def magnitude_baseline(chain, model=None, images: Optional[torch.Tensor] = None,
     """
     if not isinstance(finetune, bool):
         raise TypeError(f"finetune must be True or False, got {finetune!r}")
+    if finetune_steps is not None:
+        check_int("finetune_steps", finetune_steps, 0, MAX_STEPS)
     ctx = build_context(chain, model, images, masked=masked, graph=graph, batch_size=batch_size)
     base = magnitude_chain(ctx.chain, ctx.graph)
     sm = base.apply(ctx.model, ctx.graph)
@@ -90,7 +96,8 @@ def magnitude_baseline(chain, model=None, images: Optional[torch.Tensor] = None,
               "kept": base.kept, "filters_kept": sum(len(v) for v in base.kept.values()),
               "overlap": len(base.filters() & ctx.chain.filters()), "finetune_steps_run": 0}
     if finetune:
-        result["finetune_steps_run"] = _finetune(sm, ctx.images, ctx.p_logits, ctx.chain, progress)
+        result["finetune_steps_run"] = _finetune(sm, ctx.images, ctx.p_logits, ctx.chain, finetune_steps,
+                                                  progress)
         result["magnitude_finetuned"] = fidelity_numbers(ctx.p_logits, logits_of(sm, ctx.images, ctx.batch_size))
     return result
 
