@@ -21,5 +21,5 @@ from nchains.critical_paths import CriticalPath, critical_path, critical_paths
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG", "analyze",
-           "compact", "critical_path", "critical_paths", "export", "extract", "ops", "zoo", "__version__"]
+__all__ = ["Chain", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
+           "analyze", "compact", "critical_path", "critical_paths", "export", "extract", "ops", "zoo", "__version__"]

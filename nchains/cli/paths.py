@@ -103,7 +103,8 @@ def _check_args(args) -> Tuple[List[float], Any]:
     if not 1 <= args.steps <= 100_000:
         raise ValueError(f"--steps must be an int in [1, 100000], got {args.steps}")
     if args.default_index is not None and not 0 <= args.default_index < 1000:
-        raise ValueError(f"--default-index must be in [0, 1000) (the shipped sample's images), got {args.default_index}")
+        raise ValueError(f"--default-index must be in [0, 1000) (the shipped sample's images), got "
+                         f"{args.default_index}")
     if args.image is not None:
         if not os.path.isfile(args.image):
             raise ValueError(f"--image {args.image!r} does not exist or is not a file")

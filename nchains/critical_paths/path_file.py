@@ -157,7 +157,8 @@ def _check_sites(meta: Dict[str, Any], arrays: Dict[str, np.ndarray], all_sites)
                 *((f"contrib_{i}" for i in range(len(keys))) if meta["contributions"] else ())}
     extra, absent = sorted(set(arrays) - expected), sorted(expected - set(arrays))
     if extra or absent:
-        raise ValueError(f"path file entries: {'unexpected ' + repr(extra[0]) if extra else 'missing ' + repr(absent[0])}")
+        what = f"unexpected {extra[0]!r}" if extra else f"missing {absent[0]!r}"
+        raise ValueError(f"path file entries: {what}")
     masks, contrib = {}, {}
     for i, (entry, s) in enumerate(zip(recorded, all_sites)):
         shape = list(s.shape[1:])
