@@ -23,6 +23,16 @@ def add_command(sub) -> None:
                        description="Extract the local inference chain of a CNN on images from one local region. "
                                    "Without --model it runs on the shipped Fashion-MNIST ResNet and its images.")
     add_input_args(p, seed_help="seed of the image choice and the extraction (default 0)")
+    add_config_args(p)
+    p.add_argument("--out", default="chain.json", help="where to write the chain (default chain.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no table and no warnings")
+    p.add_argument("--json", action="store_true", help="print the metrics, kept filters and strongest filters as JSON")
+    p.set_defaults(func=cmd_extract)
+
+
+def add_config_args(p) -> None:
+    """Adds the extraction options (``NeuroChainsConfig`` fields, read by :func:`_config`) to ``p``;
+    ``nchains batch`` takes the same ones."""
     p.add_argument("--lam", type=float, default=None, help="L1 weight on scores (default: paper's per family)")
     p.add_argument("--lam-gate", dest="lam_gate", type=float, default=None, help="gate penalty weight")
     p.add_argument("--steps", type=int, default=None, help="scoring steps (default 300)")
@@ -34,10 +44,6 @@ def add_command(sub) -> None:
                    help="fine-tune when the KL exceeds this (default 0.1)")
     p.add_argument("--no-finetune", action="store_true", help="skip the fine-tuning phase")
     p.add_argument("--no-early-stop", action="store_true", help="run every step (no stop on loss change < 0.02)")
-    p.add_argument("--out", default="chain.json", help="where to write the chain (default chain.json)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no table and no warnings")
-    p.add_argument("--json", action="store_true", help="print the metrics, kept filters and strongest filters as JSON")
-    p.set_defaults(func=cmd_extract)
 
 
 def _config(args):
