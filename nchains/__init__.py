@@ -15,6 +15,7 @@ from nchains.neurochains.chain import Chain
 from nchains.compact.walk import compact
 from nchains.neurochains.config import NeuroChainsConfig
 from nchains.neurochains.extraction import extract
+from nchains.neurochains.analyses import plot_analyses, run_analyses
 from nchains.export.exporter import ExportError, export
 from nchains.instrument.scored_model import ScoredModel
 from nchains.critical_paths import CriticalPath, critical_path, critical_paths
@@ -22,4 +23,4 @@ from nchains.critical_paths import CriticalPath, critical_path, critical_paths
 __version__ = "0.1.0"
 
 __all__ = ["Chain", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
-           "analyze", "compact", "critical_path", "critical_paths", "export", "extract", "ops", "zoo", "__version__"]
+           "analyze", "compact", "critical_path", "critical_paths", "export", "extract", "ops", "plot_analyses", "run_analyses", "zoo", "__version__"]
