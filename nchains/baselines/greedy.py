@@ -119,8 +119,9 @@ def greedy_paths(model: nn.Module, images: torch.Tensor, sparsities: Sequence[fl
     """Greedy-pruning paths of several images at several sparsities in one run (batched).
 
     One pruning trajectory serves every sparsity: a step never removes more than the next
-    requested level leaves room for, so the path at 90 % is the trajectory's state on the way to
-    99 %, exactly what a run to 90 % alone returns.
+    requested level leaves room for, so the path at the lowest sparsity (90 %) is exactly what a
+    run to it alone returns, and the run goes on from there to the next (99 %); a run to 99 %
+    alone differs only where its step across the 90 % level is not cut there.
 
     Args:
         model (nn.Module): a traceable ReLU network (eval mode is set; not modified).
