@@ -8,7 +8,7 @@ Example:
     >>> print(chain.describe())
 """
 
-from nchains import ops
+from nchains import metrics, ops
 from nchains.models import zoo
 from nchains.graph.analysis import ModelGraph, UnitDAG, analyze
 from nchains.neurochains.chain import Chain
@@ -23,4 +23,4 @@ from nchains.critical_paths import CriticalPath, critical_path, critical_paths
 __version__ = "0.1.0"
 
 __all__ = ["Chain", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
-           "analyze", "compact", "critical_path", "critical_paths", "export", "extract", "ops", "plot_analyses", "run_analyses", "zoo", "__version__"]
+           "analyze", "compact", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "run_analyses", "zoo", "__version__"]
