@@ -14,6 +14,7 @@ from PIL import Image
 
 import nchains
 from nchains.neurochains.analyses import ANALYSES, fidelity_vs_size, figures, plot_analyses, run_analyses
+from nchains.neurochains.analyses.plots import svg_text
 from nchains.neurochains.analyses.run import parse_which
 
 from _analyses_chain import analyses_chain, held_out_digits
@@ -66,6 +67,8 @@ def test_plots_are_non_blank_pngs_with_titles(results, tmp_path):
         assert (pixels < 128).float().mean() > 0.005  # axes, text and marks
     for name, fig in figures(results).items():
         assert fig.axes[0].get_title().startswith(TITLES[name]), (name, fig.axes[0].get_title())
+    svg = svg_text(figures(results)["quotient"])  # for pages that inline their figures
+    assert svg.startswith("<?xml") and "<svg" in svg and svg.rstrip().endswith("</svg>")
 
 
 def test_stability_without_pool_is_skipped_under_all_but_refused_by_name():

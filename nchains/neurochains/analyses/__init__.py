@@ -9,7 +9,8 @@ returning plain data plus a plot function (a matplotlib Figure):
 - :func:`magnitude_baseline` / :func:`plot_magnitude`: a weight-norm chain of the same size.
 
 :func:`run_analyses` runs a set of them and returns one JSON-serialisable dict;
-:func:`plot_analyses` writes a PNG per analysis.
+:func:`plot_analyses` writes a PNG per analysis; :func:`summary_lines` says the results in one
+line per analysis.
 """
 
 from nchains.neurochains.analyses.faithfulness import faithfulness, plot_faithfulness
@@ -19,8 +20,9 @@ from nchains.neurochains.analyses.quotient import plot_quotient, quotient
 from nchains.neurochains.analyses.robustness import fgsm, pgd, plot_robustness, robustness
 from nchains.neurochains.analyses.run import ANALYSES, DEFAULT_ANALYSES, figures, plot_analyses, run_analyses
 from nchains.neurochains.analyses.stability import plot_stability, stability
+from nchains.neurochains.analyses.summary import summary_lines
 
 __all__ = ["ANALYSES", "DEFAULT_ANALYSES", "faithfulness", "fgsm", "fidelity_vs_size", "figures",
            "magnitude_baseline", "pgd", "plot_analyses", "plot_faithfulness", "plot_fidelity", "plot_magnitude",
            "plot_quotient", "plot_robustness", "plot_stability", "quotient", "robustness", "run_analyses",
-           "stability"]
+           "stability", "summary_lines"]

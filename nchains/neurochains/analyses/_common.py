@@ -179,7 +179,9 @@ def check_choice(name: str, value: Any, accepted: Sequence[str]) -> str:
 def check_number_list(name: str, values: Any, *, bound: str = "gt0", integer: bool = False,
                       low: int = 1, high: int = 10**6) -> list:
     """A non-empty list of finite numbers (``> 0`` or ``>= 0``), or ints in ``[low, high]``."""
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or isinstance(values, torch.Tensor):
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of numbers, got the string {values!r}")
+    if not isinstance(values, Sequence) or isinstance(values, torch.Tensor):
         try:
             values = list(values)
         except TypeError:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 from typing import Optional
 
-__all__ = ["fmt", "new_figure", "png_bytes"]
+__all__ = ["fmt", "new_figure", "png_bytes", "svg_text"]
 
 
 def new_figure(panels: int = 1, width: float = 5.2, height: float = 3.8):
@@ -30,4 +30,11 @@ def png_bytes(fig) -> bytes:
     """The figure as PNG bytes."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def svg_text(fig) -> str:
+    """The figure as an SVG document (text), e.g. to inline in an HTML page."""
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
     return buf.getvalue()
