@@ -12,7 +12,8 @@ each with a plot function returning a matplotlib Figure (and writing a PNG when 
 - :mod:`.sanity`: :func:`randomisation_sanity`, :func:`plot_sanity` (Fig. 7), with :func:`ssim`.
 """
 
-from nchains.metrics.attributions import gradient, input_intgrad_attribution, path_attribution, random_attribution
+from nchains.metrics.attributions import (gradient, gradient_x_input, input_intgrad_attribution, path_attribution,
+                                          random_attribution)
 from nchains.metrics.dead_neurons import dead_neuron_prevalence, plot_prevalence
 from nchains.metrics.degradation import DEFAULT_FRACTIONS, FILLS, lerf, morf, plot_degradation
 from nchains.metrics.jaccard import jaccard, jaccard_matrix, plot_jaccard
@@ -21,6 +22,7 @@ from nchains.metrics.sanity import plot_sanity, randomisation_sanity, randomisab
 from nchains.metrics.ssim import ssim
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_ROAR_FRACTIONS", "FILLS", "dead_neuron_prevalence", "gradient",
-           "input_intgrad_attribution", "jaccard", "jaccard_matrix", "lerf", "morf", "path_attribution",
-           "plot_degradation", "plot_jaccard", "plot_prevalence", "plot_roar", "plot_sanity", "random_attribution",
-           "randomisable_layers", "randomisation_sanity", "roar", "roar_cnn", "ssim", "train_classifier"]
+           "gradient_x_input", "input_intgrad_attribution", "jaccard", "jaccard_matrix", "lerf", "morf",
+           "path_attribution", "plot_degradation", "plot_jaccard", "plot_prevalence", "plot_roar", "plot_sanity",
+           "random_attribution", "randomisable_layers", "randomisation_sanity", "roar", "roar_cnn", "ssim",
+           "train_classifier"]
