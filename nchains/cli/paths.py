@@ -114,6 +114,11 @@ def _check_args(args) -> Tuple[List[float], Any]:
                                            or args.classes is not None):
         raise ValueError("--default-index applies to the shipped model and its sample only "
                          "(not with --model, --images or --classes)")
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("nchains paths draws its attribution maps with matplotlib, which is not installed: "
+                         "pip install 'nchains[plots]' (or matplotlib)")
     from nchains._util.publish import check_writable
 
     check_writable(args.out, out_problem, "--out")

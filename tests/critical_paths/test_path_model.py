@@ -138,3 +138,19 @@ def test_bad_masks_and_constants_are_refused():
     with pytest.raises(ValueError, match="non-finite"):
         build_path_model(graph, good, {"act1": torch.full((16, 8, 8), float("nan")),
                                        "act2": torch.zeros(4, 1, 1)})
+
+
+def test_float64_model_path_model_and_attribution_follow_its_dtype():
+    from nchains.critical_paths import CriticalPath
+
+    model = zoo.default_model().double()
+    x = zoo.default_images(["shirt"], per_class=1)[0]  # float32: moved to the model's dtype
+    graph = nchains.analyze(model, x.double())
+    masks = _random_masks(graph, 0.3)
+    path = CriticalPath(model, x, masks, target="pred", method="test", graph=graph)
+    assert path.image.dtype == torch.float64
+    phi = path.linear_model()
+    assert all(b.dtype == torch.float64 for b in phi.constants.values())
+    with torch.no_grad():
+        assert torch.equal(phi(path.image), model(path.image))
+    assert path.attribution().dtype == torch.float64
