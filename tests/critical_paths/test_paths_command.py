@@ -41,3 +41,17 @@ def test_paths_writes_masks_summary_and_pngs(tmp_path, capsys):
                      "--quiet"]) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(["attribution_0_5.png", "paths.json", "path_0_5.npz"])
     assert capsys.readouterr().out == ""
+
+
+def test_paths_of_an_image_file_see_the_shipped_preprocessing(tmp_path, capsys):
+    images, _, _ = zoo.fashion_sample()
+    Image.fromarray(images[10].numpy()).save(tmp_path / "img.png")  # a 28x28 PNG: only normalised
+    out = tmp_path / "out"
+    assert cli.main(["paths", "--image", str(tmp_path / "img.png"), "--sparsity", "0.95", "--method", "mct",
+                     "--target", "2", "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["image"]["kind"] == "file" and summary["image"]["preprocessing"] == "fashion-mnist"
+    assert summary["target"] == 2 and summary["paths"][0]["kept"] == round(0.05 * summary["paths"][0]["total"])
+    back = CriticalPath.load(out / "path_0_95.npz")
+    assert torch.allclose(back.image, zoo.normalize_fashion(images[10:11]).unsqueeze(1), atol=1e-6)
+    assert back.target == 2
