@@ -83,3 +83,17 @@ def test_bad_paths_are_refused(mask, needle):
 def test_a_mapping_needs_model_and_image():
     with pytest.raises(ValueError, match="model and image are required"):
         dead_neuron_prevalence({"act2": torch.ones(6, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("method", ["mct", "intgrad"])
+def test_critical_paths_contain_no_dead_neuron(method):
+    pytest.importorskip("nchains.contrib")
+    from nchains import critical_path
+
+    net = random_digits_net(1)
+    image = digits_region()[0][:1]
+    path = critical_path(net, image, sparsity=0.9, method=method, steps=8)
+    assert path.threshold > 0  # Remark 2: a dead neuron scores 0, below a positive threshold
+    r = dead_neuron_prevalence(path)
+    assert r["kept"] == path.n_kept and r["dead"] == 0
+    assert r["dead_overall"] > 0.1  # the network has dead neurons to pick from
