@@ -13,7 +13,7 @@ from nchains.contrib.ablation import ablation
 from nchains.contrib.intgrad import intgrad
 from nchains.contrib.layers import resolve_sites
 from nchains.contrib.result import Contributions
-from nchains.contrib.targets import Target, check_target, resolve_targets
+from nchains.contrib.targets import Target, check_target, output_width, resolve_targets
 from nchains.contrib.taylor import check_logits, taylor
 from nchains.graph.analysis import ModelGraph, graph_for
 from nchains.instrument.taps import tap
@@ -98,6 +98,8 @@ def contributions(model: nn.Module, images: torch.Tensor, *, target: Target = "p
     images = images.detach().to(device=device, dtype=dtype)
     graph = graph_for(model, images.shape[1:], graph, example=images[:1])
     chosen = resolve_sites(graph, layers)
+    k = output_width(graph)  # a target out of range is refused before any work
+    resolve_targets(target, torch.zeros(len(images), k))
     reduction = "channel" if unit == "channel" else "none"
     with _bar(len(chosen), method, progress) as bar:
         if method == "taylor":

@@ -11,7 +11,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["check_target", "resolve_targets"]
+__all__ = ["check_target", "output_width", "resolve_targets"]
 
 Target = Union[str, int, torch.Tensor]
 
@@ -31,6 +31,17 @@ def check_target(target, n: int) -> None:
         return
     if isinstance(target, bool) or not isinstance(target, int):
         raise TypeError(f"target must be 'pred', an int class index or a LongTensor[N], got {type(target).__name__}")
+
+
+def output_width(graph) -> int:
+    """K of the logits Tensor[N, K] the analysed model returns (from the analysis' shapes);
+    ValueError when it returns anything else."""
+    out = next(n for n in graph.graph_module.graph.nodes if n.op == "output").args[0]
+    meta = out.meta.get("tensor_meta") if hasattr(out, "meta") else None
+    if not hasattr(meta, "shape") or len(meta.shape) != 2:
+        what = f"shape {list(meta.shape)}" if hasattr(meta, "shape") else type(out).__name__
+        raise ValueError(f"model must return logits Tensor[N, K] (pre-softmax), got {what}")
+    return int(meta.shape[1])
 
 
 def resolve_targets(target: Target, logits: torch.Tensor) -> torch.Tensor:
