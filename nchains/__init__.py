@@ -18,9 +18,10 @@ from nchains.neurochains.extraction import extract
 from nchains.neurochains.analyses import plot_analyses, run_analyses
 from nchains.export.exporter import ExportError, export
 from nchains.instrument.scored_model import ScoredModel
+from nchains.contrib import Contributions, contributions
 from nchains.critical_paths import CriticalPath, critical_path, critical_paths
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
-           "analyze", "compact", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "run_analyses", "zoo", "__version__"]
+__all__ = ["Chain", "Contributions", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
+           "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "run_analyses", "zoo", "__version__"]
