@@ -122,11 +122,14 @@ def fashion_subsets(train_size: int, test_size: int, seed: int = 0, root: Option
     return tuple(out)
 
 
-def _maps(method: Callable, explainer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+def _maps(method: Callable, explainer: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int,
+          progress: bool = False, desc: str = "attributions") -> torch.Tensor:
     """The method's maps of ``x`` on the explainer, in batches, on the CPU."""
+    from tqdm.auto import tqdm
+
     device, dtype = model_device_dtype(explainer)
     maps = []
-    for s in range(0, len(x), batch):
+    for s in tqdm(range(0, len(x), batch), desc=desc, unit="batch", disable=not progress, leave=False):
         xb = x[s:s + batch].to(device, dtype)
         maps.append(check_map(method(explainer, xb, y[s:s + batch].to(device)), xb,
                               name="method's attributions").to("cpu", torch.float64))
@@ -204,8 +207,8 @@ def roar(methods: Mapping[str, Callable], model: Optional[nn.Module] = None, *,
     base = [run(train_x, test_x, r, "k=0") for r in range(repeats)] if 0.0 in fractions else None
     out: Dict[str, Any] = {}
     for name, method in methods.items():
-        maps = (_maps(method, model, train_x, train_y, attribution_batch),
-                _maps(method, model, test_x, test_y, attribution_batch))
+        maps = (_maps(method, model, train_x, train_y, attribution_batch, progress, f"{name} maps (train)"),
+                _maps(method, model, test_x, test_y, attribution_batch, progress, f"{name} maps (test)"))
         per = [[base[r] if k == 0.0 else run(_removed(train_x, maps[0], k, fills[0]),
                                              _removed(test_x, maps[1], k, fills[1]), r, f"{name} k={k:g}")
                 for k in fractions] for r in range(repeats)]
