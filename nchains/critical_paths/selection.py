@@ -69,7 +69,9 @@ def _top(flat: torch.Tensor, k: int) -> torch.Tensor:
     t = flat.kthvalue(n - k + 1).values  # the k-th largest: the (n - k + 1)-th smallest
     above = flat > t
     at = flat == t
-    room = k - above.sum()
+    room = k - int(above.sum())
+    if room == int(at.sum()):  # every value at the threshold fits (no tie to break): the common case
+        return above | at
     return above | (at & (torch.cumsum(at, 0) <= room))
 
 
