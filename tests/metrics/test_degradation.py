@@ -122,6 +122,14 @@ def test_batching_does_not_change_the_result():
     np.testing.assert_allclose(one["logit"]["per_image"], many["logit"]["per_image"], rtol=1e-12)
 
 
+def test_images_follow_the_models_dtype():
+    net, x = linear_model(), data(2)  # a float64 model
+    attributions = torch.randn(2, 1, H, W)
+    low = lerf(net, x.float(), attributions.float(), fractions=FRACTIONS)
+    high = lerf(net, x.float().double(), attributions.double(), fractions=FRACTIONS)
+    assert low["logit"]["per_image"] == high["logit"]["per_image"]  # computed in float64 both times
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     ({"fractions": [0.0, 0.5, 0.5]}, "strictly increasing"),
     ({"fractions": [0.0, 1.5]}, "in [0, 1]"),
