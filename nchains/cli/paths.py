@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from nchains.cli._inputs import add_input_args, check_input_args, in_channels, load_inputs
+# one parser of --target for the commands that explain a class ('pred' or an index)
+from nchains.cli.contributions import _target
 
 SUMMARY = "paths.json"
 FORMAT = "nchains-paths"
@@ -66,18 +68,6 @@ def parse_sparsities(text: str) -> List[float]:
             raise ValueError(f"--sparsity must not repeat a value, got {item} twice")
         out.append(value)
     return out
-
-
-def _target(text: str):
-    if text == "pred":
-        return "pred"
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"--target must be 'pred' or a class index (an int >= 0), got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"--target must be 'pred' or a class index (an int >= 0), got {value}")
-    return value
 
 
 def out_problem(folder: str) -> Optional[str]:
