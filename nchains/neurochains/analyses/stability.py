@@ -22,8 +22,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from nchains._util.tensors import check_images
-from nchains.neurochains.analyses._common import (DEFAULT_BATCH, build_context, check_number_list, json_float,
-                                                  logits_of, to_model)
+from nchains.neurochains.analyses._common import (DEFAULT_BATCH, Context, build_context, check_number_list,
+                                                  json_float, logits_of, to_model)
 
 __all__ = ["DEFAULT_KS", "held_out_pool", "penultimate", "plot_stability", "stability"]
 
@@ -51,12 +51,15 @@ def penultimate(graph, model, x: torch.Tensor, batch_size: int = DEFAULT_BATCH) 
     return torch.cat(feats), graph.classifier
 
 
-def held_out_pool(pool, chain, model) -> Tuple[torch.Tensor, str]:
+def held_out_pool(pool, chain) -> Tuple[torch.Tensor, str]:
     """``(images Tensor[P, C, H, W], description)`` of ``pool``: ``None`` or ``"sample"`` (the
     shipped test sample; the shipped model only), ``"test"`` (the Fashion-MNIST test split) or
     a tensor of preprocessed images."""
     from nchains.models import zoo
+    from nchains.neurochains.chain import Chain
 
+    if not isinstance(chain, Chain):
+        raise TypeError(f"chain must be an nchains.Chain, got {type(chain).__name__}")
     if isinstance(pool, torch.Tensor):
         return check_images(pool, chain.input_shape, "pool"), f"{len(pool)} given images"
     if pool is not None and pool not in POOLS:
@@ -102,8 +105,8 @@ def stability(chain, model=None, images: Optional[torch.Tensor] = None, *, pool=
         ``feature`` (the classifier whose input is the space).
     """
     ks = check_number_list("ks", ks, integer=True, low=1, high=10**7)
+    raw, what = held_out_pool(pool, chain.chain if isinstance(chain, Context) else chain)  # before any forward
     ctx = build_context(chain, model, images, masked=masked, graph=graph, batch_size=batch_size)
-    raw, what = held_out_pool(pool, ctx.chain, ctx.model)
     held, excluded = _without(to_model(ctx.model, raw), ctx.images)
     if max(ks) > len(held):
         raise ValueError(f"ks must be <= the held-out pool's size {len(held)} ({what} minus {excluded} chain "
