@@ -195,6 +195,19 @@ def _references(chain: Chain, model: nn.Module, images: Optional[torch.Tensor], 
     return _References(gm, inputs, input_info, refs, names, dtype, graph, check, masked)
 
 
+@contextlib.contextmanager
+def format_failures(fmt: str):
+    """Any exporter failure inside the block becomes an ExportError naming ``fmt`` (ExportErrors pass)."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any exporter failure names the format
+        text = str(exc).strip().splitlines()
+        raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {text[0] if text else ''}; "
+                          "nothing was written") from exc
+
+
 def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _References, meta: Dict[str, Any],
                     keep_scores: bool, bar) -> Tuple[Dict[str, Any], Dict[str, Dict[str, Any]]]:
     """Exports, re-loads and compares each format: (programs, verification figures per format)."""
@@ -204,7 +217,7 @@ def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _R
     programs: Dict[str, Any] = {}
     for fmt in fmts:
         exporter = _EXPORTERS[fmt]
-        try:
+        with format_failures(fmt):
             options = exporter.compact_options()
             key = tuple(options.items())
             if key not in graphs:
@@ -214,12 +227,6 @@ def _verify_formats(chain: Chain, model: nn.Module, fmts: Sequence[str], ref: _R
             programs[fmt], how = exporter.prepare(graphs[key], example)
             exporter.plain(programs[fmt])
             run = exporter.load(exporter.serialize(programs[fmt], dumps(meta)))
-        except ExportError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any exporter failure names the format
-            text = str(exc).strip().splitlines()
-            raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {text[0] if text else ''}; "
-                              "nothing was written") from exc
         checks[fmt] = _compare(fmt, run, ref.inputs, ref.refs)
         checks[fmt]["exporter"] = how
         checks[fmt]["channel_multiple"] = exporter.channel_multiple

@@ -23,7 +23,7 @@ from nchains._util.device import full_precision, model_device_dtype
 from nchains._util.publish import StagedFolder, check_destination
 from nchains._util.tensors import check_images
 from nchains.export.artifacts import EXPORT_FORMAT
-from nchains.export.exporter import RTOL, _compare, _formats, _progress, _publish
+from nchains.export.exporter import RTOL, _compare, _formats, _progress, _publish, format_failures
 from nchains.export.folder import replace_problem
 from nchains.export.formats import _EXPORTERS, _INPUT, _OUTPUT, ExportError
 from nchains.export.manifest import VERSION, dumps, with_artifacts
@@ -59,16 +59,10 @@ def _verified_blobs(module: nn.Module, fmts, inputs, refs, meta, bar) -> Dict[st
     programs, checks = {}, {}
     for fmt in fmts:
         exporter = _EXPORTERS[fmt]
-        try:
+        with format_failures(fmt):
             programs[fmt], how = exporter.prepare(module, example)
             exporter.plain(programs[fmt])
             run = exporter.load(exporter.serialize(programs[fmt], dumps(meta)))
-        except ExportError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any exporter failure names the format
-            text = str(exc).strip().splitlines()
-            raise ExportError(f"{fmt} export failed: {type(exc).__name__}: {text[0] if text else ''}; "
-                              "nothing was written") from exc
         checks[fmt] = {**_compare(fmt, run, inputs, refs), "exporter": how}
         if not checks[fmt]["passed"]:
             raise ExportError(f"{fmt} export failed verification against the module: {checks[fmt]['failure']}; "

@@ -39,3 +39,18 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
         export_module(model, tmp_path / "mine", x, formats="pt2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_an_exporter_failure_names_the_format_and_writes_nothing(tmp_path, monkeypatch):
+    import dataclasses
+
+    from nchains.export import formats
+    from nchains.export.formats import ExportError
+
+    def broken(module, example):
+        raise RuntimeError("cannot trace this\nsecond line")
+
+    monkeypatch.setitem(formats._EXPORTERS, "pt2", dataclasses.replace(formats._EXPORTERS["pt2"], prepare=broken))
+    with pytest.raises(ExportError, match="pt2 export failed: RuntimeError: cannot trace this; nothing was written"):
+        export_module(plain_cnn(), tmp_path / "out", torch.randn(1, 1, 8, 8), formats="pt2")
+    assert list(tmp_path.iterdir()) == []
