@@ -260,7 +260,7 @@ def plot_degradation(results: Mapping[str, Mapping[str, Any]], quantity: str = "
     for name, r in results.items():
         c = r[quantity]
         ax.plot(r["fractions"], c["mean"], "o-", ms=3, label=f"{name} (AUC {c['auc']:.3g})")
-        orders.add(f"{r['order'].upper()}, fill {r['fill']}")
+        orders.add(f"{ {'lerf': 'LeRF', 'morf': 'MoRF'}.get(r['order'], r['order'])}, fill {r['fill']}")
     ylabel = {"change": "|Φ(x̃) − Φ(x)| / |Φ(x)|", "logit": "target logit Φ(x̃)",
               "probability": "target probability"}[quantity]
     ax.set_xlabel("fraction of pixels removed")

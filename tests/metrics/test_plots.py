@@ -52,7 +52,7 @@ def test_degradation(tmp_path):
     fig = plot_degradation(results, "logit", path=tmp_path / "lerf.png")
     check_png(tmp_path / "lerf.png")
     (title, xlabel, ylabel), = texts(fig)
-    assert "LERF" in title and xlabel == "fraction of pixels removed" and "logit" in ylabel
+    assert "LeRF, fill zero" in title and xlabel == "fraction of pixels removed" and "logit" in ylabel
     with pytest.raises(ValueError, match="quantity"):
         plot_degradation(results, "auc")
 
