@@ -8,7 +8,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from nchains.graph.analysis import ModelGraph
-from nchains.instrument.segment import Segment, segment, values_at
+from nchains.instrument.segment import Segment, segments, values_at
 from nchains.instrument.taps import Site
 
 __all__ = ["ROW_BUDGET", "chunks", "prefixes", "rows_per_chunk"]
@@ -23,7 +23,7 @@ def prefixes(graph: ModelGraph, chosen: Sequence[Site], images: torch.Tensor
     """Per site: (its segment, its activation Tensor[N, *site shape], its frontier values).
 
     The prefix below every site runs once, in one forward of the model (no gradient)."""
-    segs = [segment(graph, [s]) for s in chosen]
+    segs = segments(graph, [[s] for s in chosen])
     nodes: Dict[object, None] = {}
     for seg in segs:
         nodes.update(dict.fromkeys([seg.inputs[0].node, *seg.frontier_nodes]))

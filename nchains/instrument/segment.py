@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -36,7 +37,7 @@ from torch import fx, nn
 from nchains.graph.analysis import ModelGraph
 from nchains.instrument.taps import Site, _check_sites, _functionalize
 
-__all__ = ["Segment", "segment", "values_at"]
+__all__ = ["Segment", "segment", "segments", "values_at"]
 
 Node = fx.Node
 
@@ -122,6 +123,17 @@ class Segment(nn.Module):
         values = values_at(self.graph, nodes)(images)
         return list(values[:len(self.inputs)]), list(values[len(self.inputs):])
 
+    def row_elements(self) -> int:
+        """Elements the suffix computes per row (per image), from the analysis' shapes: what one
+        row of :meth:`run` costs in memory, to size its batches."""
+        batch = max(1, int(self.graph.input_shape[0]))
+        total = 0
+        for node in self.module.graph.nodes:
+            meta = node.meta.get("tensor_meta")
+            if node.op not in ("placeholder", "output", "get_attr") and hasattr(meta, "shape"):
+                total += math.prod(meta.shape) // batch
+        return max(1, total)
+
     def rows(self, frontier: Sequence[object], index: Optional[torch.Tensor]) -> List[object]:
         """The frontier values for a batch of rows: row ``r`` gets image ``index[r]``'s values
         (``index`` None: the frontier as computed, one row per image)."""
@@ -152,35 +164,37 @@ class Segment(nn.Module):
     run = forward
 
 
-def _suffix_graph(new: fx.Graph, starts: List[Node], outputs: Optional[List[Node]]
+def _suffix_graph(new: fx.Graph, starts: List[Node], outputs: Optional[Dict[str, Node]]
                   ) -> Tuple[fx.Graph, List[Node]]:
-    """The suffix graph of ``new`` (placeholders: ``starts`` then the frontier) and the frontier."""
+    """The suffix graph of ``new`` (placeholders: ``starts`` then the frontier) and the frontier.
+
+    Walks up from the output: a start stops the walk (it is fed), a node not downstream of the
+    starts is frontier (its value is fed), parameters are read as they are; only what the output
+    needs is copied, so no dead-code pass (and no second compile) is needed."""
     out_node = next(n for n in new.nodes if n.op == "output")
     down = _downstream(new, set(starts))
     needed_out = out_node.args[0] if outputs is None else outputs
-    frontier: List[Node] = []
-    seen = set()
-
-    def read(n: Node) -> None:
-        if n not in down and n.op != "get_attr" and n not in seen:
-            seen.add(n)
-            frontier.append(n)
-
-    for node in new.nodes:
-        if node in down and node not in starts and node.op != "output":
-            for a in node.all_input_nodes:
-                read(a)
-    fx.node.map_arg(needed_out, read)
-    order = {n: i for i, n in enumerate(new.nodes)}
-    frontier.sort(key=order.__getitem__)
-
+    keep: Set[Node] = set()
+    fed: Set[Node] = set(starts)
+    stack: List[Node] = []
+    fx.node.map_arg(needed_out, stack.append)
+    while stack:
+        node = stack.pop()
+        if node in keep or node in fed:
+            continue
+        if node.op == "get_attr" or node in down:
+            keep.add(node)
+            stack.extend(node.all_input_nodes)
+        else:
+            fed.add(node)
+    frontier = [n for n in new.nodes if n in fed and n not in starts]
     suffix, env = fx.Graph(), {}
     for i, n in enumerate(starts):
         env[n] = suffix.placeholder(f"site_{i}")
     for i, n in enumerate(frontier):
         env[n] = suffix.placeholder(f"frontier_{i}")
     for node in new.nodes:
-        if node.op == "get_attr" or (node in down and node not in starts and node.op != "output"):
+        if node in keep:
             env[node] = suffix.node_copy(node, env.__getitem__)
     suffix.output(fx.node.map_arg(needed_out, env.__getitem__))
     return suffix, frontier
@@ -205,26 +219,34 @@ def segment(graph: ModelGraph, inputs: Sequence[Site], outputs: Optional[Sequenc
         TypeError, ValueError: on a site that is not a Site of ``graph``, repeated keys, no
             inputs, or an output that is not downstream of any input.
     """
+    return segments(graph, [inputs], outputs)[0]
+
+
+def segments(graph: ModelGraph, inputs: Sequence[Sequence[Site]], outputs: Optional[Sequence[Site]] = None
+             ) -> List[Segment]:
+    """:func:`segment` for each list of input sites in ``inputs``, from one out-of-place copy of
+    the traced graph (one segment per site of a network costs one copy, not one per site)."""
     if not isinstance(graph, ModelGraph):
         raise TypeError(f"graph must be a ModelGraph from nchains.analyze, got {type(graph).__name__}")
-    inputs = _check_sites(graph, inputs)
-    if not inputs:
+    checked = [_check_sites(graph, ins) for ins in inputs]
+    if not checked or not all(checked):
         raise ValueError("inputs must name at least one site, got none")
     outs = None if outputs is None else _check_sites(graph, outputs)
     new, env, owned = _functional_copy(graph)
-    starts = [env[s.node] for s in inputs]
-    out_nodes = None
-    if outs is not None:
-        down = _downstream(new, set(starts))
-        for s in outs:
-            if env[s.node] not in down:
-                raise ValueError(f"outputs: site {s.key!r} is not downstream of the inputs "
-                                 f"{[x.key for x in inputs]}; it does not depend on them")
-        out_nodes = {s.key: env[s.node] for s in outs}
-    suffix, frontier = _suffix_graph(new, starts, out_nodes)
     back = {v: k for k, v in env.items()}
-    placeholders = set(new.find_nodes(op="placeholder"))
-    from_images = _downstream(new, placeholders)
-    batched = [n in from_images for n in frontier]
-    module = _pruned(fx.GraphModule(owned, suffix, class_name=f"Segment{type(graph.graph_module).__name__}"))
-    return Segment(graph, inputs, [back[n] for n in frontier], batched, module)
+    from_images = _downstream(new, set(new.find_nodes(op="placeholder")))
+    out = []
+    for ins in checked:
+        starts = [env[s.node] for s in ins]
+        out_nodes = None
+        if outs is not None:
+            down = _downstream(new, set(starts))
+            for s in outs:
+                if env[s.node] not in down:
+                    raise ValueError(f"outputs: site {s.key!r} is not downstream of the inputs "
+                                     f"{[x.key for x in ins]}; it does not depend on them")
+            out_nodes = {s.key: env[s.node] for s in outs}
+        suffix, frontier = _suffix_graph(new, starts, out_nodes)
+        module = fx.GraphModule(owned, suffix, class_name=f"Segment{type(graph.graph_module).__name__}")
+        out.append(Segment(graph, ins, [back[n] for n in frontier], [n in from_images for n in frontier], module))
+    return out

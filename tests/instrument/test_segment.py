@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 from nchains.graph.analysis import analyze
-from nchains.instrument.segment import segment, values_at
+from nchains.instrument.segment import segment, segments, values_at
 from nchains.instrument.taps import sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,3 +117,15 @@ def test_bad_arguments(resnet):
     seg = segment(graph, [s])
     with pytest.raises(ValueError, match="takes 1 input"):
         seg.run([], [])
+
+
+def test_segments_from_one_copy_equal_single_segments(resnet):
+    _, x, graph = resnet
+    chosen = sites(graph)[::4]
+    many = segments(graph, [[s] for s in chosen])
+    with torch.no_grad():
+        for s, seg in zip(chosen, many):
+            one = segment(graph, [s])
+            assert seg.frontier_nodes == one.frontier_nodes and seg.inputs == one.inputs
+            (a,), frontier = seg.prefix(x)
+            torch.testing.assert_close(seg.run([2 * a], frontier), one.run([2 * a], frontier), rtol=0, atol=0)
