@@ -50,6 +50,17 @@ def check_address(address: Optional[str], arg: str = "address") -> Optional[str]
     return address
 
 
+def local_runtime_env() -> dict:
+    """The runtime environment of a local Ray's workers: this process's nchains first on their
+    ``PYTHONPATH``, so that workers import the same nchains as the driver whatever their
+    working folder (a cluster's nodes need nchains installed instead)."""
+    import nchains
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nchains.__file__)))
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
+
+
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, what: str = "this") -> Tuple[object, bool]:
     """Connects to Ray.
 
@@ -73,7 +84,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, wha
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         if address is None:
-            ray.init(num_cpus=num_cpus, **kwargs)
+            ray.init(num_cpus=num_cpus, runtime_env=local_runtime_env(), **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except ConnectionError as exc:

@@ -76,6 +76,9 @@ def _failed_row(region: Dict[str, Any], key: str, exc: BaseException) -> Dict[st
     from nchains.distributed.worker import _row
 
     row = _row(region, key)
+    cause = getattr(exc, "cause", None)  # a RayTaskError wraps what the task raised
+    if isinstance(cause, BaseException):
+        exc = cause
     row.update(error=f"{type(exc).__name__}: {one_line(exc)}", pid=None)
     return row
 

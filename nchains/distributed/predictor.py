@@ -105,6 +105,8 @@ class Predictor:
         folder = os.fspath(folder)
         if not os.path.isdir(folder):
             raise ValueError(f"export folder {folder!r} is not a folder; give the --out of `nchains export`")
+        if not os.path.isfile(os.path.join(folder, "manifest.json")):
+            raise ValueError(f"export folder {folder!r} has no manifest.json; give the --out of `nchains export`")
         report = inspect_artifact(folder)
         if report["kind"] != "export":
             raise ValueError(f"{folder!r} is not an nchains export folder")

@@ -68,7 +68,6 @@ def serve_export(folder, *, host: str = "127.0.0.1", port: int = 8000, runtime: 
         ValueError: a bad argument, a folder that is not a verified export with that runtime's
             artifact, a port in use; before Ray is started.
     """
-    folder = os.path.abspath(os.fspath(folder))
     if isinstance(replicas, bool) or not isinstance(replicas, int) or not 1 <= replicas <= 256:
         raise ValueError(f"replicas must be an integer between 1 and 256, got {replicas!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256):
@@ -80,6 +79,7 @@ def serve_export(folder, *, host: str = "127.0.0.1", port: int = 8000, runtime: 
     _check_port(host, port)
     require_ray("nchains serve", serve=True)
     Predictor(folder, runtime)  # a bad folder fails here, in one line, not inside a replica
+    folder = os.path.abspath(os.fspath(folder))  # replicas may run in another working folder
     ray, started = start_ray(address, num_cpus, what="nchains serve")
     from ray import serve
 

@@ -24,8 +24,10 @@ SHORT_CONFIG = NeuroChainsConfig(steps=4, finetune_steps=2, stop_delta=None)
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from nchains.distributed._ray import start_ray
+
+    _, started = start_ray(num_cpus=2)  # what `nchains batch` starts; run_batch then reuses it
+    assert started
     yield
     ray.shutdown()
 
