@@ -86,3 +86,13 @@ def test_units_layers_and_determinism(setup):
     again = contributions(model, x, graph=graph, layers="units")
     for k in units:
         assert torch.equal(units[k], again[k])
+
+
+def test_a_unit_without_activation_is_its_batchnorm_output(setup):
+    model, x, graph, _, target, _ = setup
+    ref = out_of_place(model)
+    with per_call(ref, ["layer2.0.downsample.1"]) as seen:
+        ref(x).gather(1, target[:, None]).sum().backward()
+    bn = seen["layer2.0.downsample.1"]
+    c = contributions(model, x, graph=graph, layers="units", unit="neuron")
+    torch.testing.assert_close(c["layer2.0.downsample.0"], bn * bn.grad, rtol=1e-4, atol=1e-6)
