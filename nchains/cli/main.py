@@ -49,6 +49,7 @@ def one_line(exc: BaseException) -> str:
 def build_parser() -> argparse.ArgumentParser:
     from nchains.cli import analyze as cli_analyze
     from nchains.cli import contributions as cli_contributions
+    from nchains.cli import evaluate_paths as cli_evaluate_paths
     from nchains.cli import export as cli_export
     from nchains.cli import extract as cli_extract
     from nchains.cli import inspect as cli_inspect
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="on an error, show the Python traceback instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (cli_extract, cli_export, cli_inspect, cli_paths, cli_analyze, cli_contributions):
+    for module in (cli_extract, cli_export, cli_inspect, cli_paths, cli_analyze, cli_contributions,
+                   cli_evaluate_paths):
         module.add_command(sub)
     return parser
 
