@@ -20,8 +20,10 @@ from nchains.export.exporter import ExportError, export
 from nchains.instrument.scored_model import ScoredModel
 from nchains.contrib import Contributions, contributions
 from nchains.critical_paths import CriticalPath, critical_path, critical_paths
+from nchains import baselines
+from nchains.baselines import dgr, evaluate_paths, greedy_pruning
 
 __version__ = "0.1.0"
 
-__all__ = ["Chain", "Contributions", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
+__all__ = ["baselines", "dgr", "evaluate_paths", "greedy_pruning", "Chain", "Contributions", "CriticalPath", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
            "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "run_analyses", "zoo", "__version__"]
