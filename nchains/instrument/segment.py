@@ -139,8 +139,15 @@ class Segment(nn.Module):
         (``index`` None: the frontier as computed, one row per image)."""
         if index is None:
             return list(frontier)
-        return [v.index_select(0, index) if b and isinstance(v, torch.Tensor) else v
-                for v, b in zip(frontier, self.batched)]
+        out = []
+        for node, v, b in zip(self.frontier_nodes, frontier, self.batched):
+            if b and not isinstance(v, torch.Tensor):
+                # e.g. x.size(0) taken before the site: it would describe N images, not the rows
+                raise ValueError(f"the suffix reads {node.name!r}, a value computed from the images before the "
+                                 f"site that is not a tensor ({type(v).__name__}); it cannot be re-indexed to "
+                                 "other rows: run with index=None (one row per image)")
+            out.append(v.index_select(0, index) if b else v)
+        return out
 
     def forward(self, inputs: Sequence[torch.Tensor], frontier: Sequence[object],
                 index: Optional[torch.Tensor] = None):

@@ -129,3 +129,29 @@ def test_segments_from_one_copy_equal_single_segments(resnet):
             assert seg.frontier_nodes == one.frontier_nodes and seg.inputs == one.inputs
             (a,), frontier = seg.prefix(x)
             torch.testing.assert_close(seg.run([2 * a], frontier), one.run([2 * a], frontier), rtol=0, atol=0)
+
+
+class SizeBeforeSite(nn.Module):
+    """Reads the batch size before the site and uses it after: not re-indexable by rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x):
+        n = x.size(0)
+        return self.fc(self.act(self.conv(x)).view(n, -1))
+
+
+def test_batch_dependent_non_tensor_frontier_is_refused_for_rows():
+    model = SizeBeforeSite().eval()
+    x = torch.randn(2, 1, 6, 6)
+    graph = analyze(model, x[:1])
+    seg = segment(graph, [sites(graph)[0]])
+    (a,), frontier = seg.prefix(x)
+    with torch.no_grad():
+        torch.testing.assert_close(seg.run([a], frontier), model(x))
+    with pytest.raises(ValueError, match="cannot be re-indexed"):
+        seg.run([a[[0, 0, 1]]], frontier, torch.tensor([0, 0, 1]))
