@@ -10,14 +10,18 @@ STEPS 2-4 Tukey outliers, frequency, top ``branching`` (:mod:`nchains.ssa.outlie
 become edges ``(U, n) -> (P, k)`` and join ``S_P``. Units without producers (the first conv
 layer) end the walk.
 
-Cost: per visited unit, per chunk of images, one forward up to ``U`` (parameters detached, so
-nothing is recorded below ``U``'s producers) and one batched VJP for all of ``S_U``.
+Cost: one forward of the model per chunk of images (without autograd; every unit's output is
+kept when all fit in :data:`CACHE_BYTES`, else recomputed up to the producers at each step),
+then per visited unit and chunk the segment from its producers to ``U`` and one batched VJP
+for all of ``S_U``. Step graphs are built once per analysis and reused for every class.
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from typing import Dict, List, Optional, Set
+import weakref
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
@@ -29,11 +33,14 @@ from nchains.graph.analysis import ModelGraph, analyze
 from nchains.ssa._schema import canonical, check_int
 from nchains.ssa.dependency_graph import DependencyGraph
 from nchains.ssa.outliers import OutlierCounts, select_top
-from nchains.ssa.step import RESPONSES, step_graph, step_relevance
+from nchains.ssa.step import RESPONSES, prefix_graph, step_graph, step_relevance
 
 __all__ = ["ssa"]
 
 MAX_BRANCHING = 10**6
+#: Every unit's output on all the images is kept (on the model's device) when it fits in this.
+CACHE_BYTES = 2**30
+_GRAPHS: "weakref.WeakKeyDictionary[ModelGraph, dict]" = weakref.WeakKeyDictionary()
 
 
 def _check_args(model, images, branching, response, chunk, class_name):
@@ -108,6 +115,7 @@ def ssa(model: nn.Module, images: torch.Tensor, target: int, branching: int = 3,
     dag = graph.dag
     chosen: Dict[str, Set[int]] = {top: {target}}
     edges, relevance = [], {}
+    outputs = _UnitOutputs(graph, images, chunk, device, dtype)
     bar = _progress(len(dag.order), progress, "SSA" if class_name is None else f"SSA {class_name}")
     with bar:
         for upper in reversed(dag.order):
@@ -115,7 +123,7 @@ def ssa(model: nn.Module, images: torch.Tensor, target: int, branching: int = 3,
             neurons, lowers = sorted(chosen.get(upper, ())), dag.producers(upper)
             if not neurons or not lowers:
                 continue
-            counts = _step_counts(graph, upper, lowers, images, neurons, response, chunk, device, dtype)
+            counts = _step_counts(graph, upper, lowers, outputs, neurons, response)
             for lower in lowers:
                 picks = select_top(counts[lower].frequency, counts[lower].mean, branching)
                 for n, row in zip(neurons, picks):
@@ -131,17 +139,50 @@ def ssa(model: nn.Module, images: torch.Tensor, target: int, branching: int = 3,
                            response=response, class_name=class_name)
 
 
-def _step_counts(graph, upper: str, lowers, images, neurons: List[int], response: str, chunk: int,
-                 device, dtype) -> Dict[str, OutlierCounts]:
+def _cached(graph: ModelGraph, key, build):
+    """Step and prefix graphs are built once per analysis (every class of a run reuses them)."""
+    store = _GRAPHS.setdefault(graph, {})
+    if key not in store:
+        store[key] = build()
+    return store[key]
+
+
+class _UnitOutputs:
+    """The producers' outputs per chunk of images: every unit's output computed once and kept
+    when all of them fit in :data:`CACHE_BYTES`, else a forward up to the producers per step."""
+
+    def __init__(self, graph: ModelGraph, images: torch.Tensor, chunk: int, device, dtype):
+        self.graph = graph
+        self.chunks = [(s, images[s:s + chunk].to(device=device, dtype=dtype)) for s in range(0, len(images), chunk)]
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_image = sum(math.prod(u.output_shape[1:]) for u in graph.units.values()) * itemsize
+        self.kept = None
+        if per_image * len(images) <= CACHE_BYTES:
+            everything = _cached(graph, "prefix", lambda: prefix_graph(graph, graph.dag.order))
+            with torch.no_grad():
+                self.kept = [everything(x) for _, x in self.chunks]
+
+    def __call__(self, lowers: Sequence[str]) -> Iterator[Tuple[int, torch.Tensor, Dict[str, torch.Tensor]]]:
+        """(first image, images, {lower: output}) per chunk."""
+        if self.kept is None:
+            prefix = _cached(self.graph, ("prefix", tuple(lowers)), lambda: prefix_graph(self.graph, lowers))
+        for j, (start, x) in enumerate(self.chunks):
+            if self.kept is not None:
+                yield start, x, {lo: self.kept[j][lo] for lo in lowers}
+            else:
+                with torch.no_grad():
+                    yield start, x, prefix(x)
+
+
+def _step_counts(graph: ModelGraph, upper: str, lowers: Sequence[str], outputs: _UnitOutputs, neurons: List[int],
+                 response: str) -> Dict[str, OutlierCounts]:
     """STEPS 1-3 of one upper unit against all its producers, over every image chunk."""
-    gm = step_graph(graph, upper, lowers)
+    step = _cached(graph, ("step", upper), lambda: step_graph(graph, upper, lowers))
     counts = {lo: OutlierCounts(len(neurons), _width(graph, lo)) for lo in lowers}
-    for start in range(0, len(images), chunk):
-        x = images[start:start + chunk].to(device=device, dtype=dtype)
-        for lo, omega in step_relevance(gm, x, neurons, response).items():
+    for start, x, values in outputs(lowers):
+        for lo, omega in step_relevance(step, x, values, neurons, response).items():
             if not bool(torch.isfinite(omega).all()):
                 raise ValueError(f"relevance of {graph.label_of[lo]} to {graph.label_of[upper]} is not finite on "
                                  f"images {start}..{start + len(x) - 1} (the model overflows on them)")
             counts[lo].add(omega)
     return counts
-

@@ -11,7 +11,7 @@ from torch import nn
 
 import nchains
 from nchains.ssa.outliers import outliers, select_top
-from nchains.ssa.step import step_graph, step_relevance
+from nchains.ssa.step import prefix_graph, step_graph, step_relevance
 from _models import digits_region, trained_digits_net
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,6 +35,13 @@ def graph(net, images):
 @pytest.fixture(scope="module")
 def result(net, images, graph):
     return nchains.ssa(net, images, target=7, branching=2, graph=graph)
+
+
+def _rel(graph, upper, lowers, x, neurons, response="mean"):
+    """nchains' step: producers' outputs from a prefix forward, then the step graph's VJP."""
+    with torch.no_grad():
+        values = prefix_graph(graph, lowers)(x)
+    return step_relevance(step_graph(graph, upper, lowers), x, values, neurons, response)
 
 
 def _leaf(t):
@@ -84,7 +91,7 @@ def test_fc_step_is_the_residual_stream_partial_derivative(net, images, graph):
         return net.fc(torch.flatten(net.avgpool(F.relu(lv["layer2.1.conv2"] + s)), 1))
 
     want = _hand_omega(upper, lowers, parts, [3, 5], len(images))
-    got = step_relevance(step_graph(graph, "fc", lowers), images, [3, 5])
+    got = _rel(graph, "fc", lowers, images, [3, 5])
     for lo in lowers:
         torch.testing.assert_close(got[lo], want[lo], rtol=1e-4, atol=1e-6)
 
@@ -104,7 +111,7 @@ def test_conv_step_through_a_block_input(net, images, graph):
 
     neurons = [0, 7, 31]
     want = _hand_omega(upper, lowers, parts, neurons, len(images))
-    got = step_relevance(step_graph(graph, "layer2.0.conv1", lowers), images, neurons)
+    got = _rel(graph, "layer2.0.conv1", lowers, images, neurons)
     for lo in lowers:
         torch.testing.assert_close(got[lo], want[lo], rtol=1e-4, atol=1e-6)
 
@@ -118,7 +125,7 @@ def test_max_response(net, images, graph):
         return blk.bn2(blk.conv2(lv["layer1.1.conv1"])).amax((2, 3))
 
     want = _hand_omega(upper, ["layer1.1.conv1"], parts, [2, 9], len(images))
-    got = step_relevance(step_graph(graph, "layer1.1.conv2", ["layer1.1.conv1"]), images, [2, 9], response="max")
+    got = _rel(graph, "layer1.1.conv2", ["layer1.1.conv1"], images, [2, 9], response="max")
     torch.testing.assert_close(got["layer1.1.conv1"], want["layer1.1.conv1"], rtol=1e-4, atol=1e-6)
 
 
@@ -207,7 +214,11 @@ def test_graph_structure(graph, result, images):
     assert uppers <= set(result.nodes)
 
 
-def test_deterministic_and_chunk_independent(net, images, graph, result):
+def test_deterministic_and_chunk_independent(net, images, graph, result, monkeypatch):
+    """Same graph with other chunks, and without the unit-output cache (recomputed per step)."""
+    from nchains.ssa import analysis
+
+    monkeypatch.setattr(analysis, "CACHE_BYTES", 0)
     again = nchains.ssa(net, images, target=7, branching=2, graph=graph, chunk=5)
     assert again.nodes == result.nodes and again.edges == result.edges
     for key, r in result.relevance.items():
@@ -241,11 +252,11 @@ def test_pooling_is_skipped():
         parts = {"c1": F.relu(net.c1(x))}
         parts["c2"] = F.relu(net.c2(net.pool(parts["c1"])))
     want = _hand_omega(lambda lv: F.relu(net.c2(net.pool(lv["c1"]))).mean((2, 3)), ["c1"], parts, [0, 5], len(x))
-    got = step_relevance(step_graph(graph, "c2", ["c1"]), x, [0, 5])
+    got = _rel(graph, "c2", ["c1"], x, [0, 5])
     torch.testing.assert_close(got["c1"], want["c1"], rtol=1e-4, atol=1e-6)
     want = _hand_omega(lambda lv: net.fc(torch.flatten(F.adaptive_avg_pool2d(lv["c2"], 2), 1)), ["c2"], parts,
                        [1], len(x))
-    got = step_relevance(step_graph(graph, "fc", ["c2"]), x, [1])
+    got = _rel(graph, "fc", ["c2"], x, [1])
     torch.testing.assert_close(got["c2"], want["c2"], rtol=1e-4, atol=1e-6)
     result = nchains.ssa(net, x, target=1, branching=2)
     assert {lo[0] for _, lo, _ in result.edges} <= {"c1", "c2"}
@@ -277,7 +288,7 @@ def test_concat_branches_are_lower_layers_of_the_consumer():
         parts = {"a": F.relu(net.a(s)), "b": F.relu(net.b(s))}
     want = _hand_omega(lambda lv: F.relu(net.mix(torch.cat([lv["a"], lv["b"]], 1))).mean((2, 3)), ["a", "b"],
                        parts, [0, 4, 11], len(x))
-    got = step_relevance(step_graph(graph, "mix", ["a", "b"]), x, [0, 4, 11])
+    got = _rel(graph, "mix", ["a", "b"], x, [0, 4, 11])
     for lo in ("a", "b"):
         assert got[lo].shape == (3, 7, parts[lo].shape[1])
         torch.testing.assert_close(got[lo], want[lo], rtol=1e-4, atol=1e-6)
@@ -298,6 +309,6 @@ def test_float64_model_and_linear_lower_layer():
             net.pool(net.branches(net.res(net.silu(net.same(F.relu(net.stem_bn(net.stem(x)))))))))), 1)), 1)))
     leaf = _leaf(h)
     want = torch.stack([torch.autograd.grad(net.head(leaf)[i, 2], leaf)[0][i] for i in range(len(x))])
-    got = step_relevance(step_graph(graph, "head", ["hidden"]), x, [2])["hidden"]
+    got = _rel(graph, "head", ["hidden"], x, [2])["hidden"]
     assert got.dtype == torch.float64
     torch.testing.assert_close(got[0], want, rtol=1e-10, atol=1e-12)
