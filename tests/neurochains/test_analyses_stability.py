@@ -52,3 +52,21 @@ def test_refusals():
         stability(chain, net, images, pool=torch.zeros(4, 1, 9, 9))
     with pytest.raises(ValueError, match="pool must be None"):
         stability(chain, net, images, pool="train")
+
+
+@pytest.mark.slow  # 10000 test images through both models
+def test_fashion_mnist_test_split_pool():
+    from nchains.models.fashion_mnist import FASHION_MNIST_ROOT
+
+    import os
+
+    if not os.path.isdir(FASHION_MNIST_ROOT):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    from _analyses_cli_chain import cli_chain
+
+    model, images, chain = cli_chain()
+    res = stability(chain, model, images, pool="test", ks=[20])
+    assert res["pool"] == "the Fashion-MNIST test split"
+    assert res["excluded"] == len(images) and res["pool_size"] == 10000 - len(images)  # the sample is of that split
+    sample = stability(chain, model, images, ks=[20])
+    assert sample["pool_size"] == 1000 - len(images)

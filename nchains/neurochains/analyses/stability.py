@@ -31,8 +31,10 @@ DEFAULT_KS = tuple(range(20, 261, 20))
 POOLS = ("sample", "test")
 
 
-def penultimate(graph, model, x: torch.Tensor, batch_size: int = DEFAULT_BATCH) -> Tuple[torch.Tensor, str]:
-    """``(features Tensor[N, D], name)``: the input of ``model``'s classifier Linear on ``x``.
+def penultimate(graph, model, x: torch.Tensor, batch_size: int = DEFAULT_BATCH
+                ) -> Tuple[torch.Tensor, torch.Tensor, str]:
+    """``(features Tensor[N, D], logits Tensor[N, classes], name)``: the input of ``model``'s
+    classifier Linear on ``x`` (the penultimate-layer space), and the logits of the same pass.
 
     Raises:
         ValueError: when the model has no Linear producing its logits.
@@ -45,10 +47,10 @@ def penultimate(graph, model, x: torch.Tensor, batch_size: int = DEFAULT_BATCH) 
     feats = []
     handle = module.register_forward_pre_hook(lambda mod, args: feats.append(args[0].detach().flatten(1)))
     try:
-        logits_of(model, x, batch_size)
+        logits = logits_of(model, x, batch_size)
     finally:
         handle.remove()
-    return torch.cat(feats), graph.classifier
+    return torch.cat(feats), logits, graph.classifier
 
 
 def held_out_pool(pool, chain) -> Tuple[torch.Tensor, str]:
@@ -111,9 +113,9 @@ def stability(chain, model=None, images: Optional[torch.Tensor] = None, *, pool=
     if max(ks) > len(held):
         raise ValueError(f"ks must be <= the held-out pool's size {len(held)} ({what} minus {excluded} chain "
                          f"images), got {max(ks)}")
-    own, feature = penultimate(ctx.graph, ctx.model, ctx.images, ctx.batch_size)
-    feats, _ = penultimate(ctx.graph, ctx.model, held, ctx.batch_size)
-    agree = logits_of(ctx.model, held, ctx.batch_size).argmax(1) == logits_of(ctx.masked, held, ctx.batch_size).argmax(1)
+    own, _, feature = penultimate(ctx.graph, ctx.model, ctx.images, ctx.batch_size)
+    feats, p_logits, _ = penultimate(ctx.graph, ctx.model, held, ctx.batch_size)
+    agree = p_logits.argmax(1) == logits_of(ctx.masked, held, ctx.batch_size).argmax(1)
     order = torch.cdist(own.double(), feats.double()).argsort(dim=1, stable=True)
     fidelity, mean, count = [], [], []
     for k in ks:
