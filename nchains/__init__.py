@@ -20,6 +20,7 @@ from nchains.export.exporter import ExportError, export
 from nchains.instrument.scored_model import ScoredModel
 from nchains.contrib import Contributions, contributions
 from nchains.critical_paths import CriticalPath, critical_path, critical_paths
+from nchains.report.build import report  # the function; the sub-package stays importable by path
 from nchains import baselines
 from nchains.baselines import dgr, evaluate_paths, greedy_pruning
 from nchains.ssa import DependencyGraph, ssa, ssa_clusters
@@ -27,4 +28,4 @@ from nchains.ssa import DependencyGraph, ssa, ssa_clusters
 __version__ = "0.1.0"
 
 __all__ = ["baselines", "dgr", "evaluate_paths", "greedy_pruning", "Chain", "Contributions", "CriticalPath", "DependencyGraph", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
-           "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "run_analyses", "ssa", "ssa_clusters", "zoo", "__version__"]
+           "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "report", "run_analyses", "ssa", "ssa_clusters", "zoo", "__version__"]
