@@ -12,7 +12,7 @@ Rows:
   taylor ours, convs         the same on the outputs of every conv (53 sites), neuron unit
   captum GxA, convs          captum LayerGradientXActivation given the list of every conv
   taylor ours, units         every conv(+BN)(+ReLU) unit output, channel unit
-  intgrad ours / captum LIG  a few conv layers (--ig-layers, the last ones), --ig-steps steps,
+  intgrad ours / captum LIG  a few conv layers (--ig-layers, evenly spread from conv1 to the last), --ig-steps steps,
                         --ig-images images: ours (prefix once, batched suffix) against a loop of
                         captum LayerIntegratedGradients, one per layer (all steps in one batch
                         for both). Captum's baseline is the layer's value at a zero input, ours
@@ -73,7 +73,8 @@ def _methods(model, x, graph, convs, target, args):
 
     xi = x[:args.ig_images]
     ti = target[:args.ig_images]
-    ig_layers = convs[-args.ig_layers:]
+    # spread over the depth (early layers have long suffixes, late ones short)
+    ig_layers = [convs[round(i * (len(convs) - 1) / max(1, args.ig_layers - 1))] for i in range(args.ig_layers)]
     rows = args.ig_steps * len(xi)
 
     def fwd_bwd_weights():
@@ -166,8 +167,8 @@ def main() -> None:
     base, floor = med["fwd+bwd (weights)"], med["fwd+bwd (input only)"]
     load = os.getloadavg()
     print(f"ResNet-50 (random init), {args.images}x3x{args.size}x{args.size}, {args.threads} threads, median of "
-          f"{args.repeats} alternating repeats; intgrad rows: last {args.ig_layers} convs, {args.ig_steps} steps, "
-          f"{args.ig_images} images; analysis (once, not timed below) {analysis_s:.2f} s; load average "
+          f"{args.repeats} alternating repeats; intgrad: {args.ig_layers} convs spread over the depth, "
+          f"{args.ig_steps} steps, {args.ig_images} images; analysis (once, not timed below) {analysis_s:.2f} s; load average "
           f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")
     head = f"{'method':<26} {'median s':>9} {'min s':>7} {'/fwd+bwd':>9} {'/input-only':>12} {'peak MB':>8}"
     print(head)

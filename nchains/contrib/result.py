@@ -35,8 +35,8 @@ class Contributions(Mapping):
                  delta: Optional[Mapping[str, torch.Tensor]] = None):
         keys = [s.key for s in sites]
         if list(values) != keys:
-            raise ValueError(f"values must have one entry per site, in the sites' order; got keys {list(values)[:3]}… "
-                             f"for sites {keys[:3]}…")
+            raise ValueError(f"values must have one entry per site, in the sites' order; got keys "
+                             f"{list(values)[:3]}… for sites {keys[:3]}…")
         self._values: Dict[str, torch.Tensor] = dict(values)
         self.sites: List[Site] = list(sites)
         self.target = target
