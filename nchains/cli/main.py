@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nchains.cli import inspect as cli_inspect
     from nchains.cli import paths as cli_paths
     from nchains.cli import report as cli_report
+    from nchains.cli import ssa as cli_ssa
 
     parser = _Parser(prog="nchains", description="Extract, export and analyse local inference chains of CNNs.")
     parser.add_argument("--version", action="version", version=f"nchains {_version()}")
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the Python traceback instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in (cli_extract, cli_export, cli_inspect, cli_paths, cli_analyze, cli_contributions,
-                   cli_evaluate_paths, cli_report):
+                   cli_evaluate_paths, cli_ssa, cli_report):
         module.add_command(sub)
     return parser
 
