@@ -59,7 +59,8 @@ def add_command(subparsers) -> None:
     p.add_argument("--eps", type=float, default=DEFAULT_EPS,
                    help=f"robustness: L-infinity radius of FGSM and PGD in input units, after preprocessing "
                         f"(default {DEFAULT_EPS})")
-    p.add_argument("--pgd-steps", type=int, default=DEFAULT_STEPS, help=f"robustness: PGD steps (default {DEFAULT_STEPS})")
+    p.add_argument("--pgd-steps", type=int, default=DEFAULT_STEPS,
+                   help=f"robustness: PGD steps of eps/4 from a random start (default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="robustness: seed of PGD's random start (default 0)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batched forward (default 256)")
     p.add_argument("--model", default=None, help="'default' or torchvision:NAME (default: the chain's model)")

@@ -156,7 +156,8 @@ def plot_faithfulness(result: Dict[str, Any]):
 
         slope, icept = np.polyfit(s, d, 1)
         xs = np.linspace(min(s), max(s), 50)
-        ax.plot(xs, slope * xs + icept, color="magenta", lw=1.5, label=f"least squares (Pearson r = {fmt(result['pearson'])})")
+        ax.plot(xs, slope * xs + icept, color="magenta", lw=1.5,
+                label=f"least squares (Pearson r = {fmt(result['pearson'])})")
         ax.legend(loc="upper left", fontsize=8)
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set_xlabel("score of the removed filter")

@@ -65,7 +65,8 @@ def _finetune(sm, images, p_logits, chain, steps: Optional[int], progress: bool)
 
 
 def magnitude_baseline(chain, model=None, images: Optional[torch.Tensor] = None, *, finetune: bool = True,
-                       finetune_steps: Optional[int] = None, masked=None, graph=None, batch_size: int = DEFAULT_BATCH, progress: bool = False
+                       finetune_steps: Optional[int] = None, masked=None, graph=None,
+                       batch_size: int = DEFAULT_BATCH, progress: bool = False
                        ) -> Dict[str, Any]:
     """KL, agreement and probability drop of the chain and of the magnitude baseline.
 

@@ -87,8 +87,9 @@ def run_analyses(chain, model, images: torch.Tensor, *, which="all", progress: b
             names among :data:`ANALYSES` (see :func:`parse_which`).
         progress (bool): progress bars on stderr.
         labels (Tensor[N] of int): ground truth for ``robustness`` (default: the original's classes).
-        pool: ``stability``'s held-out images (:func:`~.stability.held_out_pool`); under
-            ``"all"`` a model without one skips stability (noted in ``skipped``).
+        pool: ``stability``'s held-out images (:func:`~.stability.held_out_pool`); when the full
+            set is asked for (``"all"``, :data:`DEFAULT_ANALYSES` or :data:`ANALYSES`), a model
+            without one skips stability (noted in ``skipped``); named alone, it is an error.
         ks: ``stability``'s neighbours per image.
         sweep, sweep_steps, sweep_finetune_steps: ``fidelity``'s ``lams``, ``steps``,
             ``finetune_steps`` (:func:`~.fidelity.fidelity_vs_size`).
@@ -108,8 +109,8 @@ def run_analyses(chain, model, images: torch.Tensor, *, which="all", progress: b
         >>> results = run_analyses(chain, model, images, which="faithfulness,quotient")
         >>> results["faithfulness"]["spearman"]
     """
-    explicit = not (isinstance(which, str) and which.strip() == "all")
     names = parse_which(which, sweep_given=sweep is not None)
+    explicit = names not in (ANALYSES, DEFAULT_ANALYSES)  # the full set skips what this model cannot do
     ctx = build_context(chain, model, images, masked=masked, graph=graph, batch_size=batch_size)
     m = ctx.chain.metrics
     out: Dict[str, Any] = {
