@@ -20,6 +20,13 @@ if { ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; } &
     || echo "[setup] warning: could not install cmake/g++ (only the C++ client test needs them)"
 fi
 
+# Debian's chromium renders `nchains report` pages to screenshots in tests/report (skipped without it).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] apt-get install chromium"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "[setup] warning: could not install chromium (only the report page tests need it)"
+fi
+
 if ! "$PY" -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')) else 1)" 2>/dev/null; then
   echo "[setup] pip install torch==2.14.1 torchvision==0.29.1"
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
