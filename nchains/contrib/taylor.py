@@ -4,14 +4,15 @@ The traced model is tapped at every site (:func:`nchains.instrument.taps.tap`: p
 tensor the rest of the forward consumes). A gradient hook on each site's activation reduces
 ``a · ∂Φ/∂a`` with the compiled :func:`nchains.ops.taylor_contributions` as soon as the backward
 reaches the site, so a site's gradient is freed right after (``torch.autograd.grad`` on all sites
-would return, and hold, every gradient at once). The backward runs to the images only; no weight
-gradient is computed. Images are independent in eval mode, so the sum of Φ over the batch gives
+would return, and hold, every gradient at once). The backward runs to the first site when
+everything after it is computed from it alone (to the images otherwise); no weight gradient is
+computed. Images are independent in eval mode, so the sum of Φ over the batch gives
 per-image values.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +42,32 @@ def _zeros(site: Site, n: int, reduction: str, like: torch.Tensor) -> torch.Tens
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
+def _first_cut(graph: ModelGraph, chosen: Sequence[Site]) -> Optional[Site]:
+    """The first site when every other site and the output are computed from it alone (nothing
+    computed from the images before it is read after it: no skip around it); else None.
+
+    The backward can then stop at that site instead of running on to the images (it skips the
+    data gradient of the layers below it)."""
+    if not chosen:
+        return None
+    order = {n: i for i, n in enumerate(graph.graph_module.graph.nodes)}
+    first = min(chosen, key=lambda s: order[s.node])
+    nodes = list(graph.graph_module.graph.nodes)
+    down, from_images = {first.node}, set(graph.graph_module.graph.find_nodes(op="placeholder"))
+    for node in nodes:
+        if node in down or any(a in down for a in node.all_input_nodes):
+            down.add(node)
+        if any(a in from_images for a in node.all_input_nodes):
+            from_images.add(node)
+    output = nodes[-1]
+    for node in down:
+        if node is not first.node and any(a in from_images and a not in down for a in node.all_input_nodes):
+            return None
+    if output not in down or any(s.node not in down for s in chosen):
+        return None
+    return first
+
+
 def taylor(graph: ModelGraph, chosen: Sequence[Site], images: torch.Tensor, target: Callable[[torch.Tensor],
            torch.Tensor], reduction: str, absolute: bool, bar) -> Tuple[Dict[str, torch.Tensor], torch.Tensor,
                                                                     torch.Tensor]:
@@ -67,14 +94,17 @@ def taylor(graph: ModelGraph, chosen: Sequence[Site], images: torch.Tensor, targ
             bar.update(1)
         return hook
 
-    x = images.detach().clone().requires_grad_(True)
+    cut = _first_cut(graph, chosen)
+    x = images.detach().clone().requires_grad_(True)  # frozen weights: the sites still need a graph
     with torch.enable_grad():
         logits, values = tapped(x)
         logits = check_logits(logits)
         t = target(logits)
         handles: List = [v.register_hook(hook_for(k, v)) for k, v in values.items() if v.requires_grad]
         phi = target_logit(logits, t).sum()
-        torch.autograd.backward(phi, inputs=[x])
+        stop = values[cut.key] if cut is not None else x
+        if phi.requires_grad and stop.requires_grad:
+            torch.autograd.grad(phi, [stop], allow_unused=True)  # the hooks keep what is needed
     for h in handles:
         h.remove()
     del values

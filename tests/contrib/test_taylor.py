@@ -96,3 +96,41 @@ def test_a_unit_without_activation_is_its_batchnorm_output(setup):
     bn = seen["layer2.0.downsample.1"]
     c = contributions(model, x, graph=graph, layers="units", unit="neuron")
     torch.testing.assert_close(c["layer2.0.downsample.0"], bn * bn.grad, rtol=1e-4, atol=1e-6)
+
+
+class _SkipFromInput(torch.nn.Module):
+    """The model input is read again after the first site: the backward must run to the images."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.act1 = torch.nn.ReLU()
+        self.conv2 = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.act2 = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(3, 4)
+
+    def forward(self, x):
+        y = self.act2(self.conv2(self.act1(self.conv1(x))) + x)
+        return self.fc(y.mean((2, 3)))
+
+
+def test_where_the_backward_stops_and_frozen_weights(setup):
+    from nchains.contrib.taylor import _first_cut
+    from nchains.instrument.taps import sites
+
+    model, x, graph, _, _, prods = setup
+    assert _first_cut(graph, sites(graph)).key == "relu"          # resnet18: everything reads the stem
+    skip = _SkipFromInput().eval()
+    xs = torch.randn(2, 3, 6, 6)
+    g2 = analyze(skip, xs[:1])
+    assert _first_cut(g2, sites(g2)) is None
+    ref = out_of_place(skip)
+    with per_call(ref, ["act1", "act2"]) as acts:
+        ref(xs)[:, 1].sum().backward()
+    c = contributions(skip, xs, target=1, graph=g2, unit="neuron")
+    for key in ("act1", "act2"):
+        torch.testing.assert_close(c[key], acts[key] * acts[key].grad, rtol=1e-5, atol=1e-7)
+    frozen = out_of_place(model).requires_grad_(False)
+    cf = contributions(frozen, x, graph=analyze(frozen, x[:1]))
+    for key, p in prods.items():
+        torch.testing.assert_close(cf[key], p.sum((2, 3)), rtol=1e-4, atol=1e-6)
