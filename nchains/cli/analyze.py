@@ -160,12 +160,15 @@ def _labels(chain, images: torch.Tensor) -> Optional[torch.Tensor]:
     return y if hash_tensor(x) == hash_tensor(images) else None
 
 
-def _bounds(chain, spec):
-    """The valid input range of the chain's images after their preprocessing, per channel."""
+def _bounds(chain, spec, preprocessing: Optional[str] = None):
+    """The valid input range of the images after their preprocessing (``preprocessing`` when
+    given, else the chain's images'), per channel; None when unknown."""
     from nchains.models.images import _statistics
 
     s = chain.images_source or {}
-    if s.get("kind") == "folder":
+    if preprocessing is not None:
+        pre, gray = preprocessing, chain.input_shape[0] == 1
+    elif s.get("kind") == "folder":
         pre, gray = s.get("preprocessing"), bool(s.get("grayscale"))
     elif s.get("kind") == "default" or spec.get("kind") == "default":
         pre, gray = "fashion-mnist", True
@@ -233,7 +236,7 @@ def cmd_analyze(args) -> int:
                            labels=_labels(chain, images), pool=_pool(args, chain, spec, model),
                            sweep=parsed["sweep"], sweep_steps=args.sweep_steps,
                            sweep_finetune_steps=args.sweep_finetune_steps, eps=args.eps, pgd_steps=args.pgd_steps,
-                           bounds=_bounds(chain, spec), seed=args.seed, batch_size=args.batch_size, **extra)
+                           bounds=_bounds(chain, spec, args.preprocessing if args.images else None), seed=args.seed, batch_size=args.batch_size, **extra)
     if args.json:
         print(json.dumps(results, indent=1, allow_nan=False))
         return 0
