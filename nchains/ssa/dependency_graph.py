@@ -126,20 +126,23 @@ class DependencyGraph:
         return cls(**validated(data))
 
     def to_dot(self) -> str:
-        """Graphviz text: one row (``rank=same``) per layer, top layer first, node width by
-        frequency, edge pen width by frequency."""
+        """Graphviz text: one row (``rank=same``, headed by a plaintext node ``row:<layer>``
+        with the layer's label, chained by invisible edges) per layer, top layer first; node
+        width and edge pen width by frequency."""
         freq = self.node_frequency()
         lines = ["digraph ssa {", "  rankdir=TB;", '  node [shape=ellipse, fontname="Helvetica", fontsize=10];']
-        for layer in self.layers[::-1]:
+        rows = [layer for layer in self.layers[::-1] if any(n[0] == layer for n in self.nodes)]
+        for layer in rows:
             row = [n for n in self.nodes if n[0] == layer]
-            if not row:
-                continue
-            lines.append("  { rank=same;")
+            # a plaintext anchor names the row; invisible edges between anchors keep one row per layer
+            lines.append(f'  {{ rank=same; "row:{layer}" [shape=plaintext, label="{self.labels[layer]}"];')
             for n in row:
                 width = 0.4 + 1.2 * freq[n] / max(1, self.num_images)
                 lines.append(f'    "{_node_id(n)}" [label="{self.label(n)}", width={width:.3f}, '
                              f"frequency={freq[n]}];")
             lines.append("  }")
+        for upper, lower in zip(rows, rows[1:]):
+            lines.append(f'  "row:{upper}" -> "row:{lower}" [style=invis];')
         for u, lo, f in self.edges:
             pen = 0.5 + 2.5 * f / max(1, self.num_images)
             lines.append(f'  "{_node_id(u)}" -> "{_node_id(lo)}" [frequency={f}, penwidth={pen:.3f}];')
