@@ -23,9 +23,10 @@ from nchains.critical_paths import CriticalPath, critical_path, critical_paths
 from nchains.report.build import report  # the function; the sub-package stays importable by path
 from nchains import baselines
 from nchains.baselines import dgr, evaluate_paths, greedy_pruning
+from nchains.distributed import run_batch, serve_export
 from nchains.ssa import DependencyGraph, ssa, ssa_clusters
 
 __version__ = "0.1.0"
 
 __all__ = ["baselines", "dgr", "evaluate_paths", "greedy_pruning", "Chain", "Contributions", "CriticalPath", "DependencyGraph", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
-           "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "report", "run_analyses", "ssa", "ssa_clusters", "zoo", "__version__"]
+           "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "report", "run_analyses", "run_batch", "serve_export", "ssa", "ssa_clusters", "zoo", "__version__"]

@@ -48,11 +48,13 @@ def one_line(exc: BaseException) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from nchains.cli import analyze as cli_analyze
+    from nchains.cli import batch as cli_batch
     from nchains.cli import contributions as cli_contributions
     from nchains.cli import evaluate_paths as cli_evaluate_paths
     from nchains.cli import export as cli_export
     from nchains.cli import extract as cli_extract
     from nchains.cli import inspect as cli_inspect
+    from nchains.cli import serve as cli_serve
     from nchains.cli import paths as cli_paths
     from nchains.cli import report as cli_report
     from nchains.cli import ssa as cli_ssa
@@ -63,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the Python traceback instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in (cli_extract, cli_export, cli_inspect, cli_paths, cli_analyze, cli_contributions,
-                   cli_evaluate_paths, cli_ssa, cli_report):
+                   cli_evaluate_paths, cli_ssa, cli_report, cli_batch, cli_serve):
         module.add_command(sub)
     return parser
 
