@@ -91,3 +91,27 @@ def test_all_classes(tmp_path):
     assert [c["name"] for c in s["classes"]] == zoo.default_class_names()
     assert [c["target"] for c in s["classes"]] == list(range(10))
     assert len(s["clusters"]["shared"]) == 45 and (tmp_path / "all" / "dendrogram.png").exists()
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    """--images DIR: each class sub-folder is analysed for the model's output of that name, on
+    that folder's images (checked against nchains.ssa on the shipped pixels, normalised)."""
+    from PIL import Image
+
+    pixels, labels, _ = zoo.fashion_sample()
+    names = zoo.default_class_names()
+    for c in ("bag", "sneaker"):  # folder order is sorted: bag first
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        rows = (labels == names.index(c)).nonzero().flatten()[:2]
+        for j, r in enumerate(rows.tolist()):
+            Image.fromarray(pixels[r].numpy()).save(tmp_path / "imgs" / c / f"{j}.png")
+    out = tmp_path / "out"
+    assert cli.main(["ssa", "--images", str(tmp_path / "imgs"), "--per-class", "2", "--out", str(out), "--quiet"]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert [(c["name"], c["target"], c["images"]) for c in s["classes"]] == [("bag", 8, 2), ("sneaker", 7, 2)]
+    model = zoo.default_model()
+    rows = (labels == 8).nonzero().flatten()[:2]
+    images = zoo.normalize_fashion(pixels[rows]).unsqueeze(1)
+    want = nchains.ssa(model, images, target=8)
+    got = nchains.DependencyGraph.load(out / "08-bag.json")
+    assert (got.nodes, got.edges) == (want.nodes, want.edges)
