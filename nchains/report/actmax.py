@@ -42,7 +42,8 @@ DEFAULT_LR = 0.1
 DEFAULT_L2 = 0.01
 DEFAULT_BLUR_EVERY = 4
 DEFAULT_BLUR_SIGMA = 0.5
-DEFAULT_BATCH = 256
+#: Inputs per batch: at most 256, and at most 2**21 input values (13 ImageNet 224x224 images).
+MAX_BATCH, MAX_VALUES = 256, 2 ** 21
 #: Standard deviation of the starting noise (preprocessed inputs have about unit variance).
 INIT_STD = 1.0
 
@@ -100,7 +101,7 @@ def activation_maximisation(masked, targets: Sequence[Tuple[str, int]], input_sh
                             steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR, l2: float = DEFAULT_L2,
                             jitter: Optional[int] = None, blur_every: int = DEFAULT_BLUR_EVERY,
                             blur_sigma: float = DEFAULT_BLUR_SIGMA, bounds=None, seed: int = 0,
-                            batch_size: int = DEFAULT_BATCH, progress: bool = False) -> ActMax:
+                            batch_size: Optional[int] = None, progress: bool = False) -> ActMax:
     """The input that maximises each target filter's mean activation (see the module docstring).
 
     All targets of a batch (all kept filters of a layer, or of several layers) are optimised in
@@ -119,17 +120,19 @@ def activation_maximisation(masked, targets: Sequence[Tuple[str, int]], input_sh
         blur_sigma (float): the blur's standard deviation in pixels, > 0.
         bounds: ``(low, high)``, floats or ``Tensor[C]``; None: unbounded.
         seed (int): seed of the starting noise and the jitter.
-        batch_size (int): targets optimised together (more are done in chunks, in order).
+        batch_size (int): targets optimised together (more are done in chunks, in order);
+            default: ``MAX_BATCH``, fewer for large inputs (``MAX_VALUES`` input values).
         progress (bool): a progress bar over the steps on stderr.
 
     Returns:
         ActMax, rows in the order of ``targets``.
     """
+    c, h, w = (int(v) for v in input_shape)
+    batch_size = max(1, min(MAX_BATCH, MAX_VALUES // (c * h * w))) if batch_size is None else batch_size
     for name, value, low, integer in (("steps", steps, 0, True), ("lr", lr, 1e-12, False), ("l2", l2, 0, False),
                                       ("blur_every", blur_every, 0, True), ("blur_sigma", blur_sigma, 1e-6, False),
                                       ("seed", seed, 0, True), ("batch_size", batch_size, 1, True)):
         _check(name, value, low, integer, 1e5 if name in ("steps", "blur_every") else math.inf)
-    c, h, w = (int(v) for v in input_shape)
     jitter = max(1, h // 28) if jitter is None else jitter
     _check("jitter", jitter, 0, True, max(h, w))
     targets = [(str(layer), int(f)) for layer, f in targets]

@@ -20,6 +20,7 @@ h1 { font-size: 1.6em; margin: 0.2em 0; } h2 { font-size: 1.25em; border-bottom:
      margin-top: 1.6em; } h3 { font-size: 1.02em; margin: 1em 0 0.4em; }
 p.lead { color: #444; margin-top: 0; } .note { color: #555; font-size: 0.9em; }
 nav a { margin-right: 1em; color: #2457a6; text-decoration: none; }
+svg.chain-graph { max-width: 100%; height: auto; }
 .scroll { overflow-x: auto; border: 1px solid #e3e3e3; padding: 6px; background: #fcfcfc; }
 .grid { display: flex; flex-wrap: wrap; gap: 10px; }
 figure { margin: 0; text-align: center; font-size: 0.78em; }

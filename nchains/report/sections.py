@@ -107,10 +107,9 @@ def paths_section(chain) -> str:
 def analyses_section(chain, results: Optional[Dict[str, Any]], pngs: Dict[str, bytes], note: str) -> str:
     parts = [table(("metric", "value"), metrics_rows(chain.metrics), (False, True))]
     if results is not None:
-        head = results.get("chain", {})
-        parts.append("<h3>Analyses</h3>" + table(("measure", "value"), metrics_rows(head), (False, True)))
-        for name, why in results.get("skipped", {}).items():
-            parts.append(f'<p class="note">{escape(name)} skipped: {escape(why)}</p>')
+        from nchains.neurochains.analyses.summary import summary_lines
+
+        parts.append("<h3>Analyses</h3><pre>" + escape("\n".join(summary_lines(results))) + "</pre>")
     for name, data in pngs.items():
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         parts.append(f'<div class="plots"><h3>{escape(name)}</h3><img src="{uri}" alt="{escape(name)} plot" '

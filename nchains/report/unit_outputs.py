@@ -9,7 +9,7 @@ needed), which makes activation maximisation of early layers cheap.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -62,11 +62,3 @@ def unit_outputs(masked, layers: Sequence[str], x: torch.Tensor) -> Dict[str, to
         raise ValueError(f"layers {missing[:3]} did not run in the masked model (removed by the chain?)")
     return got
 
-
-def batched(fn, x: torch.Tensor, batch_size: int) -> Tuple[torch.Tensor, ...]:
-    """``fn`` over row batches of ``x`` (no grad), its tuple outputs concatenated along rows."""
-    parts = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            parts.append(fn(x[i:i + batch_size]))
-    return tuple(torch.cat([p[j] for p in parts]) for j in range(len(parts[0])))

@@ -1,7 +1,6 @@
 """The report as a user sees it: written all or nothing, self-contained (no external resource),
 rendered by headless Chromium to a non-blank screenshot, with the expected sections and figures."""
 
-import io
 import os
 import re
 import shutil
