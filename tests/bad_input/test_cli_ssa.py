@@ -3,22 +3,12 @@ written), numbers and the output folder before the model is loaded, with a messa
 argument and what is accepted; and the Python API's argument checks."""
 
 import json
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from test_cli_extract import _flat_folder
 
 import nchains
-
-
-def _flat_folder(root: Path) -> Path:
-    folder = root / "flat"
-    folder.mkdir()
-    for i in range(2):
-        Image.fromarray(np.full((28, 28), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
-    return folder
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -62,7 +52,7 @@ def test_engine_dot_without_graphviz(refused, tmp_path, monkeypatch):
 
 def test_flat_image_folder_has_no_classes(refused, tmp_path):
     _flat_folder(tmp_path)
-    refused(["ssa", "--images", "flat", "--quiet"], "is a flat folder; nchains ssa needs one sub-folder per class")
+    refused(["ssa", "--images", "imgs", "--quiet"], "is a flat folder; nchains ssa needs one sub-folder per class")
 
 
 class _Tiny(torch.nn.Module):
