@@ -82,8 +82,8 @@ class SSAClusters:
         for i, a in enumerate(self.labels):
             for b in self.labels[i + 1:]:
                 s = self.shared(a, b)
-                pairs.append({"classes": [str(a), str(b)], "nodes": s.number_of_nodes(),
-                              "edges": s.number_of_edges(), "shared_nodes": [d["label"] for _, d in s.nodes(data=True)]})
+                pairs.append({"classes": [str(a), str(b)], "nodes": s.number_of_nodes(), "edges": s.number_of_edges(),
+                              "shared_nodes": [d["label"] for _, d in s.nodes(data=True)]})
         return {"weighting": self.weighting, "labels": [str(c) for c in self.labels],
                 "linkage": self.linkage.tolist(), "shared": pairs}
 

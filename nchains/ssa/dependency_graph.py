@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -28,7 +27,6 @@ __all__ = ["FORMAT", "VERSION", "DependencyGraph", "Node"]
 Node = Tuple[str, int]
 FORMAT = "nchains-ssa-graph"
 VERSION = 1
-_HASH = re.compile(r"^[0-9a-f]{64}$")
 _META = ("target", "classifier", "images_hash", "num_images", "branching", "response", "class_name")
 
 

@@ -7,14 +7,15 @@ other unit (activations, BatchNorm, pools, flatten, residual adds and channel co
 walked through). One step is the partial derivative of ``U``'s responses with respect to the
 producers' outputs **with every other unit's output held at its value**: the step graph
 (:func:`step_graph`) takes the producers' outputs as inputs (leaves of autograd) and holds only
-the ops between them and ``U`` (``U``'s own conv, BN and activation
-included) and never a path through another unit. Consequences:
+the ops between them and ``U`` (``U``'s own conv, BN and activation included), never a path
+through another unit. Consequences:
 
 - a pooling layer between two convs is skipped (STEP 1.3 of the paper): the relevance is
   taken directly with respect to the conv below the pool;
 - on a residual add ``relu(a + b)`` both operands' units are lower layers of the consumer, each
-  differentiated with the other held fixed; a block's input that arrives through the identity
-  shortcut is the unit that produced it (the previous block's last conv, or its shortcut);
+  differentiated with the other held fixed (so both get the same relevance); a block's input
+  that arrives through the identity shortcut is the unit that produced it (the previous block's
+  last conv, or its shortcut);
 - a concat's branches are lower layers of the concat's consumers, each for its own channels.
 
 Neurons and responses: an upper neuron of a linear unit is one output feature (the logit, for
@@ -39,7 +40,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import fx
 
-from nchains.graph.analysis import ConvUnit, ModelGraph
+from nchains.graph.analysis import ModelGraph
 from nchains.instrument.taps import Site, tap
 
 __all__ = ["GRAD_BUDGET_BYTES", "RESPONSES", "prefix_graph", "response_of", "step_graph", "step_relevance"]
