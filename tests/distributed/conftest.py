@@ -1,22 +1,13 @@
-"""Shared fixtures of the distributed tests: one small export folder for the serving tests, and
-the free-port helper."""
+"""Shared fixture of the distributed tests: one small export folder for the serving tests."""
 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/ (for _default_chain)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,15 @@ ort = pytest.importorskip("onnxruntime")
 
 pytestmark = pytest.mark.slow
 
-from conftest import free_port  # noqa: E402  (tests/distributed/conftest.py)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
