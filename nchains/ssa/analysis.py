@@ -46,6 +46,9 @@ _GRAPHS: "weakref.WeakKeyDictionary[ModelGraph, dict]" = weakref.WeakKeyDictiona
 def _check_args(model, images, branching, response, chunk, class_name):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+    if training:  # batch statistics and dropout would make the images (and the stacked copies) interact
+        raise ValueError(f"model must be in eval mode (call model.eval()); {training[0]!r} is in training mode")
     check_images(images)
     check_int(branching, "branching", 1, MAX_BRANCHING)
     check_int(chunk, "chunk", 1, 10**9)

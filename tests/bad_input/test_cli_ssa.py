@@ -78,12 +78,12 @@ class _Tiny(torch.nn.Module):
 def test_python_api_checks(kwargs, error, needle):
     args = {"target": 1, **kwargs}
     with pytest.raises(error) as info:
-        nchains.ssa(_Tiny(), torch.randn(3, 1, 6, 6), **args)
+        nchains.ssa(_Tiny().eval(), torch.randn(3, 1, 6, 6), **args)
     assert needle in str(info.value)
 
 
 def test_python_api_checks_images():
-    model = _Tiny()
+    model = _Tiny().eval()
     bad = torch.randn(3, 1, 6, 6)
     bad[1, 0, 2, 2] = float("nan")
     for images, needle in ((bad, "non-finite"), (torch.zeros(3, 6, 6), "[N, C, H, W]"),
@@ -91,6 +91,8 @@ def test_python_api_checks_images():
         with pytest.raises((ValueError, TypeError)) as info:
             nchains.ssa(model, images, target=0)
         assert needle in str(info.value)
+    with pytest.raises(ValueError, match=r"model must be in eval mode \(call model.eval\(\)\); '_Tiny'"):
+        nchains.ssa(_Tiny().train(), torch.randn(2, 1, 6, 6), target=0)
     other = nchains.analyze(_Tiny(), torch.zeros(1, 1, 6, 6))
     with pytest.raises(ValueError, match="not analysed from this model"):
         nchains.ssa(model, torch.randn(2, 1, 6, 6), target=0, graph=other)
