@@ -67,10 +67,11 @@ def strip(pictures: Sequence[np.ndarray], gap: int = 1) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def png_uri(arr: np.ndarray, scale: Optional[int] = None, min_size: int = 64) -> str:
+def png_uri(arr: np.ndarray, scale: Optional[int] = None, min_size: int = 64, max_size: int = 160) -> str:
     """``data:image/png;base64,...`` of ``arr`` (``[H, W]`` or ``[H, W, 3]`` in [0, 1]),
     enlarged by nearest-neighbour to at least ``min_size`` pixels high (or by ``scale``) so a
-    28x28 digit stays sharp in the browser."""
+    28x28 digit stays sharp in the browser; one taller than ``max_size`` (a 224x224 ImageNet
+    image) is shrunk to that height, so the page stays light."""
     from PIL import Image
 
     data = (np.clip(np.nan_to_num(arr), 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
@@ -78,6 +79,8 @@ def png_uri(arr: np.ndarray, scale: Optional[int] = None, min_size: int = 64) ->
     factor = scale if scale is not None else max(1, -(-min_size // img.height))
     if factor > 1:
         img = img.resize((img.width * factor, img.height * factor), Image.NEAREST)
+    elif img.height > max_size:
+        img = img.resize((max(1, round(img.width * max_size / img.height)), max_size), Image.LANCZOS)
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -78,7 +78,7 @@ def filters_section(chain, layers, results: Dict[str, Any], images: torch.Tensor
             label = chain.filter_label(layer, f)
             best = ", ".join(f"#{int(t)} ({float(means[int(t), j]):.3g})" for t in top[j])
             score = chain.scores[layer][j]
-            figs.append(figure(png_uri(strip([pic, *tops])), f"{label} · {score:.3f}",
+            figs.append(figure(png_uri(strip([pic, *tops]), max_size=80), f"{label} · {score:.3f}",
                                title=f"{label}: score {score:.3f}; activation maximisation {float(act.start[j]):.3g} → "
                                      f"{float(act.final[j]):.3g}; top images {best}"))
         parts.append(f"<h3>{escape(chain.label(layer))} <span class=\"note\">({escape(layer)}, "
