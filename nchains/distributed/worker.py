@@ -115,8 +115,9 @@ def run_region(region: Dict[str, Any], key: str, config: Dict[str, Any], export:
         on_start (callable): ``on_start(region)`` called first, in the worker (a test hook).
 
     Returns:
-        dict: ``row`` (the results row; ``status`` ``"ok"`` or ``"failed"`` with ``error``),
-        ``chain`` (``Chain.to_dict()`` or None) and ``export`` (file name -> bytes, or None).
+        dict: ``row`` (the results row; ``status`` ``"ok"`` or ``"failed"`` with ``error``,
+        prefixed ``export:`` when only the export failed), ``chain`` (``Chain.to_dict()``, or
+        None when the extraction failed) and ``export`` (file name -> bytes, or None).
     """
     from nchains.cli.main import one_line
     from nchains.neurochains.config import NeuroChainsConfig
@@ -133,13 +134,14 @@ def run_region(region: Dict[str, Any], key: str, config: Dict[str, Any], export:
             images, class_names, source = _region_inputs(region, model, row["warnings"].append)
             chain = extract(model, images, cfg, class_names=class_names, progress=False, model_spec=region["model"])
             chain.images_source = source
+            row.update({m: chain.metrics.get(m) for m in _METRICS})
+            out["chain"] = chain.to_dict()  # kept even when the export below fails
             if export:
                 out["export"] = _export_files(chain, model, images, class_names)
     except Exception as exc:  # noqa: BLE001 - a region that fails is recorded; the batch goes on
-        row["error"] = f"{type(exc).__name__}: {one_line(exc)}"
+        where = "export: " if out["chain"] is not None else ""
+        row["error"] = f"{where}{type(exc).__name__}: {one_line(exc)}"
         row["seconds"] = round(time.perf_counter() - started, 3)
         return out
-    row.update({m: chain.metrics.get(m) for m in _METRICS}, status="ok",
-               seconds=round(time.perf_counter() - started, 3))
-    out["chain"] = chain.to_dict()
+    row.update(status="ok", seconds=round(time.perf_counter() - started, 3))
     return out

@@ -112,3 +112,16 @@ def test_failing_region_is_recorded_and_the_batch_goes_on(local_ray, tmp_path):
     # a rerun runs only the failed region again (and it fails again: one more row for it)
     again = run_batch(ok + bad, tmp_path / "run", SHORT_CONFIG, progress=False)
     assert again["skipped"] == 1 and again["ran"] == 1 and len(_rows(tmp_path / "run")) == 3
+
+
+@pytest.mark.slow  # one verified export of three formats: about a minute on 2 loaded cores
+def test_export_of_each_region_is_verified_and_complete(local_ray, tmp_path):
+    from nchains.export.artifacts import inspect_artifact
+
+    summary = run_batch(pair_regions(1, 1, per_class=2), tmp_path / "run", SHORT_CONFIG, export=True, progress=False)
+    (row,) = _rows(tmp_path / "run")
+    assert summary["ok"] == 1 and row["status"] == "ok" and row["export"] == os.path.join("exports", row["region"])
+    report = inspect_artifact(tmp_path / "run" / row["export"])
+    assert report["ok"] and {c["format"] for c in report["checks"]} == {"torchscript", "onnx", "pt2"}
+    chain = Chain.load(tmp_path / "run" / row["chain"])
+    assert report["metadata"]["chain"]["images_hash"] == chain.images_hash
