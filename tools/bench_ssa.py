@@ -7,7 +7,9 @@
    forward of the step's segment and one backward per upper neuron and image (the producers'
    outputs still computed once, which favours the naive side); the dependency graphs are
    checked equal to nchains' on that subset, and the speed-up is of the relevance computation
-   (both sides run the same Tukey/ranking code).
+   (both sides run the same Tukey/ranking code). The naive time of the whole run of 1 is
+   extrapolated from the subset's seconds per (neuron, image) pair (its cost is linear in
+   the pairs) times the pairs that run differentiated.
 3. torchvision ResNet-50 (random init, 224 x 224, ``--r50-images`` random images): a partial
    run of ``--r50-seconds`` seconds; the remaining steps are estimated from the measured cost
    per (neuron x image x producer value) of the steps done, assuming every remaining unit keeps
@@ -54,9 +56,10 @@ class _Timed:
 
     def __init__(self, fn, stop_after=None):
         self.fn, self.seconds, self.cpu, self.stop_after, self.steps = fn, 0.0, 0.0, stop_after, []
-        self.start = time.perf_counter()
+        self.start = None  # the first step starts the clock: at least one step is timed
 
     def __call__(self, step, images, values, neurons, response="mean"):
+        self.start = self.start or time.perf_counter()
         if self.stop_after is not None and time.perf_counter() - self.start > self.stop_after:
             raise TimeoutError
         t, c = time.perf_counter(), time.process_time()
@@ -76,13 +79,19 @@ def _rss_mib() -> float:
 def shipped(per_class: int):
     model, names = zoo.default_model(), zoo.default_class_names()
     graph, rows = None, []
+    timed = _Timed(analysis.step_relevance)
+    analysis.step_relevance = timed
     t0, c0 = time.perf_counter(), time.process_time()
-    for t, name in enumerate(names):
-        images, _, _ = zoo.default_images([name], per_class=per_class, confident=None)
-        graph = graph or nchains.analyze(model, images[:1])
-        g = nchains.ssa(model, images, target=t, branching=3, graph=graph, class_name=name)
-        rows.append((name, len(g.nodes), len(g.edges)))
-    return time.perf_counter() - t0, time.process_time() - c0, rows
+    try:
+        for t, name in enumerate(names):
+            images, _, _ = zoo.default_images([name], per_class=per_class, confident=None)
+            graph = graph or nchains.analyze(model, images[:1])
+            g = nchains.ssa(model, images, target=t, branching=3, graph=graph, class_name=name)
+            rows.append((name, len(g.nodes), len(g.edges)))
+    finally:
+        analysis.step_relevance = timed.fn
+    pairs = sum(m * n for m, n, _, _ in timed.steps)
+    return time.perf_counter() - t0, time.process_time() - c0, rows, timed.seconds, pairs
 
 
 def naive_vs_batched(classes: int, n_images: int):
@@ -100,9 +109,9 @@ def naive_vs_batched(classes: int, n_images: int):
                 graphs.append(nchains.ssa(model, images, target=t, graph=graph))
         finally:
             analysis.step_relevance = timed.fn
-        sides[label] = (timed.seconds, timed.cpu, graphs)
+        sides[label] = (timed.seconds, timed.cpu, graphs, sum(m * n for m, n, _, _ in timed.steps))
     same = all(a.nodes == b.nodes and a.edges == b.edges for a, b in zip(sides["nchains"][2], sides["naive"][2]))
-    return sides["nchains"][:2], sides["naive"][:2], same
+    return sides["nchains"][:2], sides["naive"][:2], same, sides["naive"][0] / max(1, sides["naive"][3])
 
 
 def resnet50_estimate(n_images: int, seconds: float):
@@ -153,14 +162,19 @@ def main() -> None:
     if args.quick:
         args.per_class, args.naive_images, args.r50_images, args.r50_seconds = 2, 2, 1, 5.0
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    wall, cpu, rows = shipped(args.per_class)
-    ours, naive, same = naive_vs_batched(args.naive_classes, args.naive_images)
+    wall, cpu, rows, rel_seconds, pairs = shipped(args.per_class)
+    ours, naive, same, per_pair = naive_vs_batched(args.naive_classes, args.naive_images)
     r_done, r_total, visited, units, finished = resnet50_estimate(args.r50_images, args.r50_seconds)
     print(f"\n{'run':<58} {'result':>24}")
     print(f"{f'shipped model, 10 classes x {args.per_class} images, b=3: wall':<58} {wall:>22.1f} s")
     print(f"{'  CPU time (all threads)':<58} {cpu:>22.1f} s")
     print(f"{'  peak RSS of the process':<58} {_rss_mib():>20.0f} MiB")
     print(f"{'  nodes / edges per class':<58} {' '.join(f'{n}/{e}' for _, n, e in rows):>24}")
+    print(f"{'  of which relevance (STEP 1), wall':<58} {rel_seconds:>22.1f} s")
+    print(f"{'  (upper neuron, image) pairs differentiated':<58} {pairs:>24d}")
+    print(f"{'  naive per-pair VJPs for them, extrapolated (wall)':<58} {per_pair * pairs / 60:>20.1f} min")
+    whole = per_pair * pairs / max(rel_seconds, 1e-9)
+    print(f"{'  speed-up of STEP 1 on the whole run, extrapolated':<58} {whole:>23.0f}x")
     sub = f"{args.naive_classes} class(es) x {args.naive_images} images"
     print(f"{f'relevance wall / CPU, {sub}: nchains':<58} {ours[0]:>9.2f} s / {ours[1]:>9.2f} s")
     print(f"{f'relevance wall / CPU, {sub}: naive per (neuron, image)':<58} {naive[0]:>9.2f} s / {naive[1]:>9.2f} s")
