@@ -36,6 +36,8 @@ def add_command(sub) -> None:
                                    "clustering of the classes' graphs. Without --model it runs on the shipped "
                                    "Fashion-MNIST ResNet and its images.")
     add_input_args(p, per_class_default=100)
+    classes = next(a for a in p._actions if a.dest == "classes")
+    classes.help += "; 'all' (the default): every class"
     p.add_argument("--branching", type=int, default=3, help="lower neurons kept per upper neuron (default 3)")
     p.add_argument("--response", choices=["mean", "max"], default="mean",
                    help="response of an upper conv channel: its spatial mean (default) or maximum")
