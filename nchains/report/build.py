@@ -75,7 +75,35 @@ def _chain_images(chain) -> torch.Tensor:
     return images
 
 
-def _check_options(steps, top_k, edges_per_filter, max_images) -> None:
+class _Stages:
+    """``stage(text)`` logs ``text`` with the seconds since the previous stage."""
+
+    def __init__(self, log: Optional[Callable[[str], None]]):
+        self.log, self.clock = log, time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        now = time.perf_counter()
+        if self.log is not None:
+            self.log(f"{text} ({now - self.clock:.1f} s)")
+        self.clock = now
+
+
+def _publish(out_dir, html: str, results: Optional[Dict[str, Any]]) -> None:
+    """``index.html`` (and ``analyses.json``) in place of ``out_dir``, all or nothing."""
+    with StagedFolder(out_dir, replace_problem) as staged:
+        staged.write("index.html", html.encode("utf-8"))
+        if results is not None:
+            staged.write("analyses.json", (json.dumps(results, indent=1) + "\n").encode("utf-8"))
+        staged.publish()
+
+
+def _check_options(out_dir, steps, top_k, edges_per_filter, max_images, analyses) -> None:
+    if out_dir is None:
+        raise ValueError("out_dir is required: the folder to write index.html into")
+    if not _no_analyses(analyses):
+        from nchains.neurochains.analyses.run import parse_which
+
+        parse_which(analyses)  # a bad name fails now, not after the activation maximisation
     for name, value, low in (("actmax_steps", steps, 0), ("top_k", top_k, 1), ("max_images", max_images, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10**5:
             raise ValueError(f"{name} must be an int in [{low}, 100000], got {value!r}")
@@ -136,26 +164,13 @@ def report(chain, model: Optional[nn.Module] = None, out_dir=None, *, images: Op
 
     from nchains.graph.analysis import graph_for
 
-    if out_dir is None:
-        raise ValueError("out_dir is required: the folder to write index.html into")
-    _check_options(actmax_steps, top_k, edges_per_filter, max_images)
-    if not _no_analyses(analyses):
-        from nchains.neurochains.analyses.run import parse_which
-
-        parse_which(analyses)  # a bad name fails now, not after the activation maximisation
+    _check_options(out_dir, actmax_steps, top_k, edges_per_filter, max_images, analyses)
     check_writable(out_dir, replace_problem)
     chain, model = _chain_and_model(chain, model)
     images = _chain_images(chain) if images is None else images
     images = check_images(images, chain.input_shape)
     progress = sys.stderr.isatty() if progress is None else bool(progress)
-    say = log or (lambda text: None)
-    clock = [time.perf_counter()]
-
-    def stage(text: str) -> None:
-        now = time.perf_counter()
-        say(f"{text} ({now - clock[0]:.1f} s)")
-        clock[0] = now
-
+    stage = _Stages(log)
     ref = next(model.parameters())
     x = images.detach().to(device=ref.device, dtype=ref.dtype)
     graph = graph_for(model, chain.input_shape, None)
@@ -186,11 +201,7 @@ def report(chain, model: Optional[nn.Module] = None, out_dir=None, *, images: Op
     html = page(f"Inference chain: {names}", chain.describe().splitlines()[0] + f" — {len(images)} images",
                 [s for s in sections if s[2]],
                 footer=f"nchains report; model {chain.model_hash[:12]}…, images {chain.images_hash[:12]}…")
-    with StagedFolder(out_dir, replace_problem) as staged:
-        staged.write("index.html", html.encode("utf-8"))
-        if results is not None:
-            staged.write("analyses.json", (json.dumps(results, indent=1) + "\n").encode("utf-8"))
-        staged.publish()
+    _publish(out_dir, html, results)
     stage("page written")
     return os.path.join(os.fspath(out_dir), "index.html")
 
