@@ -118,3 +118,8 @@ def test_chromium_renders_a_non_blank_page_with_the_figures(written, tmp_path):
     assert refs.h2 == list(SECTIONS)
     assert refs.counts.get("svg") == 1 and refs.counts.get("circle", 0) >= len(chain.kept["conv1"])
     assert dom.count("<title>") > 20 and "score" in dom
+    pdf = tmp_path / "printed.pdf"  # printable: the print stylesheet lays it out on pages
+    subprocess.run([*base, f"--print-to-pdf={pdf}", "--no-pdf-header-footer", url], check=True, timeout=180,
+                   capture_output=True)
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF") and len(re.findall(rb"/Type\s*/Page\b", data)) >= 2
