@@ -36,8 +36,10 @@ def add_command(sub) -> None:
                                    "clustering of the classes' graphs. Without --model it runs on the shipped "
                                    "Fashion-MNIST ResNet and its images.")
     add_input_args(p, per_class_default=100)
-    classes = next(a for a in p._actions if a.dest == "classes")
-    classes.help += "; 'all' (the default): every class"
+    actions = {a.dest: a for a in p._actions}
+    actions["classes"].help += "; 'all' (the default): every class"
+    actions["confident"].help = ("shipped images only: pick images the model predicts with at least this probability "
+                                 "(default for ssa: no filter, the whole sample of a class can be used)")
     p.add_argument("--branching", type=int, default=3, help="lower neurons kept per upper neuron (default 3)")
     p.add_argument("--response", choices=["mean", "max"], default="mean",
                    help="response of an upper conv channel: its spatial mean (default) or maximum")
@@ -126,6 +128,25 @@ def _groups(inputs) -> List[Tuple[str, int, torch.Tensor]]:
     return _folder_groups(inputs, n_out)
 
 
+def _inputs(args, warn):
+    """``load_inputs``, except that the shipped images are not filtered by confidence unless
+    --confident is given (the sample has 100 images per class, --per-class defaults to 100)."""
+    if args.images is not None or args.confident is not None or args.model not in (None, "default"):
+        return load_inputs(args, warn)
+    from nchains.cli._inputs import Inputs, csv_list
+    from nchains.models import zoo
+    from nchains.models.image_source import default_source, images_from_source
+    from nchains.models.spec import load_model, parse_model_spec
+
+    spec = parse_model_spec(args.model, args.weights, args.num_classes)
+    source = default_source(csv_list(args.classes), args.per_class or 100, args.seed, None)
+    try:
+        images, what = images_from_source(source)
+    except ValueError as exc:  # name the CLI flags, not the Python arguments
+        raise ValueError(str(exc).replace("per_class", "--per-class").replace("classes:", "--classes:", 1)) from None
+    return Inputs(spec, load_model(spec), images, zoo.default_class_names(), what, source)
+
+
 def _file_stem(target: int, name: str) -> str:
     return f"{target:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'class'}"
 
@@ -179,7 +200,7 @@ def cmd_ssa(args) -> int:
             print(f"nchains: warning: {text}", file=sys.stderr)
 
     start = time.perf_counter()
-    inputs = load_inputs(args, warn)
+    inputs = _inputs(args, warn)
     groups = _groups(inputs)
     if chatty:
         print(f"step-wise sensitivity analysis of {inputs.spec.get('name', 'the default model')} on {inputs.what}, "

@@ -37,7 +37,7 @@ def test_files_and_graphs(run):
         t = names.index(c)
         g = nchains.DependencyGraph.load(run / f"{t:02d}-{c}.json")
         assert nchains.DependencyGraph.load(run / f"{t:02d}-{c}.graphml") == g
-        images, labels, _ = zoo.default_images([c], per_class=3)
+        images, labels, _ = zoo.default_images([c], per_class=3, confident=None)
         direct = nchains.ssa(model, images, target=t, branching=2)
         assert (g.nodes, g.edges, g.images_hash) == (direct.nodes, direct.edges, direct.images_hash)
         assert g.class_name == c and g.target == t == int(labels[0])
