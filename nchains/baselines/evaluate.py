@@ -116,7 +116,8 @@ def _strip(result: Dict[str, Any]) -> Dict[str, Any]:
 
 def evaluate_paths(model: nn.Module, images: torch.Tensor, methods: Sequence[str] = tuple(METHODS),
                    sparsities: Sequence[float] = (0.9, 0.99), settings: Optional[Settings] = None, *,
-                   fractions: Optional[Sequence[float]] = None, fill: str = "zero", sanity_images: int = 10,
+                   fractions: Optional[Sequence[float]] = None, fill: str = "zero", lerf_absolute: bool = False,
+                   sanity_images: int = 10,
                    sanity_methods: Sequence[str] = SANITY_DEFAULT, sanity_sparsity: Optional[float] = None,
                    on_path: Optional[OnPath] = None, progress: bool = False) -> Dict[str, Any]:
     """Selects every method's paths on ``images`` and compares them (see the module docstring).
@@ -129,6 +130,7 @@ def evaluate_paths(model: nn.Module, images: torch.Tensor, methods: Sequence[str
         settings (Settings): how the methods run (default ``Settings()``).
         fractions (sequence of float): LeRF's fractions (default ``nchains.metrics.DEFAULT_FRACTIONS``).
         fill (str): LeRF's fill of removed pixels (``"zero"``, ``"mean"``, ``"blur"``).
+        lerf_absolute (bool): LeRF ranks pixels by the magnitude of their attribution (default: signed).
         sanity_images (int): images of the sanity check (0: no sanity check).
         sanity_methods (sequence of str): attribution methods of the sanity check (those among
             ``methods`` or :data:`REFERENCES`).
@@ -161,6 +163,8 @@ def evaluate_paths(model: nn.Module, images: torch.Tensor, methods: Sequence[str
         check_sparsities(sanity_sparsity)
     if isinstance(sanity_images, bool) or not isinstance(sanity_images, int) or sanity_images < 0:
         raise ValueError(f"sanity_images must be an int >= 0, got {sanity_images!r}")
+    if not isinstance(lerf_absolute, bool):
+        raise TypeError(f"lerf_absolute must be a bool, got {type(lerf_absolute).__name__}")
     check_images(images)
     model.eval()
     x = images.detach().to(*model_device_dtype(model))
@@ -188,7 +192,8 @@ def evaluate_paths(model: nn.Module, images: torch.Tensor, methods: Sequence[str
             per_image = [jaccard_matrix({display_name(m): masks[(m, s)][i] for m in chosen}, per_layer=True)
                          for i in range(len(x))]
             results["jaccard"][str(s)] = _mean_jaccard(per_image)
-    results["lerf"] = {name: _strip(lerf(model, x, value, fractions, fill, target=targets, progress=progress))
+    results["lerf"] = {name: _strip(lerf(model, x, value, fractions, fill, target=targets, absolute=lerf_absolute,
+                                         progress=progress))
                        for name, value in maps.items()}
     results["sanity"] = {}
     if sanity_images and sanity_methods:

@@ -50,6 +50,8 @@ def add_command(sub) -> None:
     p.add_argument("--batch", type=int, default=25, help="images per greedy / DGR run (default 25)")
     p.add_argument("--fill", choices=["zero", "mean", "blur"], default="zero",
                    help="LeRF's value of a removed pixel (default zero: the dataset mean after normalisation)")
+    p.add_argument("--lerf-absolute", dest="lerf_absolute", action="store_true",
+                   help="LeRF ranks pixels by the magnitude of their attribution (default: signed, as given)")
     p.add_argument("--sanity-images", dest="sanity_images", type=int, default=10,
                    help="images of the randomisation sanity check (default 10; 0: skip it)")
     p.add_argument("--sanity-methods", dest="sanity_methods", default=None,
@@ -172,6 +174,7 @@ def cmd_evaluate_paths(args) -> int:
                 files.append(name)
 
         results = evaluate_paths(inputs.model, inputs.images, methods, sparsities, settings, fill=args.fill,
+                                 lerf_absolute=args.lerf_absolute,
                                  sanity_images=args.sanity_images, sanity_methods=sanity, on_path=on_path,
                                  progress=chatty)
         labels = _site_labels(inputs.model, inputs.images)

@@ -24,7 +24,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ev") / "evaluation"
     argv = ["evaluate-paths", "--classes", "sneaker,trouser", "--per-class", "1", "--methods", METHODS,
             "--sparsity", "0.5,0.9", "--steps", "2", "--dgr-steps", "3", "--greedy-step", "0.05",
-            "--sanity-images", "2", "--sanity-methods", "mct,gradient", "--quiet", "--out", str(out)]
+            "--sanity-images", "2", "--sanity-methods", "mct,gradient", "--lerf-absolute", "--quiet", "--out", str(out)]
     assert cli.main(argv) == 0
     with open(out / "results.json") as f:
         return out, json.load(f)
@@ -113,5 +113,6 @@ def test_lerf_and_sanity_entries(run):
         assert r["change"]["auc"] == pytest.approx(float(np.trapezoid(mean, f)), rel=1e-9), name
         assert mean[0] == pytest.approx(0.0, abs=1e-6)  # nothing removed: no change
         assert len(r["change"]["auc_per_image"]) == 2
+        assert r["absolute"] is True and r["order"] == "lerf"  # --lerf-absolute
     assert set(doc["sanity"]) == {"NeuronMCT 50%", "Gradient"}  # path methods at the first sparsity
     assert len(doc["sanity"]["Gradient"]["spearman"]) == len(doc["sanity"]["Gradient"]["layers"]) > 5
