@@ -20,11 +20,17 @@ if { ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1; } &
     || echo "[setup] warning: could not install cmake/g++ (only the C++ client test needs them)"
 fi
 
-# Debian's chromium renders `nchains report` pages to screenshots in tests/report (skipped without it).
+# Debian's chromium renders `nchains report` pages to screenshots in tests/report (skipped without it);
+# graphviz's dot draws `nchains ssa` graphs (matplotlib otherwise; the tests check both).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   echo "[setup] apt-get install chromium"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "[setup] warning: could not install chromium (only the report page tests need it)"
+fi
+if ! command -v dot >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  echo "[setup] apt-get install graphviz"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq graphviz >/dev/null) \
+    || echo "[setup] warning: could not install graphviz (nchains ssa then draws with matplotlib)"
 fi
 
 if ! "$PY" -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')) else 1)" 2>/dev/null; then
