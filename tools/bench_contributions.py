@@ -19,8 +19,10 @@ Rows:
                         a zero activation: the same work, not the same numbers.
 
 Peak memory (--memory, default on): each method once more in a fresh Python process; the
-column is the peak resident set size (getrusage ru_maxrss) minus the resident size just before
-the call (/proc/self/statm), so the model, the inputs and the analysis are not counted.
+column is the peak resident set size during the call (VmHWM of /proc/self/status, reset through
+/proc/self/clear_refs just before it) minus the resident size just before the call, so the model,
+the inputs, the analysis and the setup's forwards are not counted (Linux only).
+--memory-only prints that column alone (no timing).
 
 Usage:
     python tools/bench_contributions.py [--repeats 5] [--images 8] [--size 224] [--threads 2]
@@ -31,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,12 @@ sys.path.insert(0, os.path.dirname(HERE))
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def _setup(args):
@@ -123,10 +130,11 @@ def _child(args) -> None:
     torch.set_num_threads(args.threads)
     model, x, graph, convs, target, _ = _setup(args)
     run = _methods(model, x, graph, convs, target, args)[args.child]
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) left by the setup's forwards
+        f.write("5")
     before = _rss_mb()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": peak - before}))
+    print(json.dumps({"peak_mb": _status_mb("VmHWM") - before}))
 
 
 def _peak(args, name: str) -> float:
@@ -147,10 +155,16 @@ def main() -> None:
     p.add_argument("--ig-steps", dest="ig_steps", type=int, default=8)
     p.add_argument("--ig-layers", dest="ig_layers", type=int, default=3)
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--memory-only", dest="memory_only", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return _child(args)
+    if args.memory_only:
+        for name in ("fwd+bwd (weights)", "fwd+bwd (input only)", "taylor ours, activations", "taylor ours, convs",
+                     "captum GxA, convs", "taylor ours, units", "intgrad ours", "intgrad captum LIG loop"):
+            print(f"{name:<26} peak {_peak(args, name):8.0f} MB")
+        return None
     torch.set_num_threads(args.threads)
     model, x, graph, convs, target, analysis_s = _setup(args)
     methods = _methods(model, x, graph, convs, target, args)
