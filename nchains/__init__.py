@@ -8,7 +8,7 @@ Example:
     >>> print(chain.describe())
 """
 
-from nchains import metrics, ops
+from nchains import baselines, metrics, ops
 from nchains.models import zoo
 from nchains.graph.analysis import ModelGraph, UnitDAG, analyze
 from nchains.neurochains.chain import Chain
@@ -20,13 +20,22 @@ from nchains.export.exporter import ExportError, export
 from nchains.instrument.scored_model import ScoredModel
 from nchains.contrib import Contributions, contributions
 from nchains.critical_paths import CriticalPath, critical_path, critical_paths
-from nchains.report.build import report  # the function; the sub-package stays importable by path
-from nchains import baselines
 from nchains.baselines import dgr, evaluate_paths, greedy_pruning
-from nchains.distributed import run_batch, serve_export
 from nchains.ssa import DependencyGraph, ssa, ssa_clusters
+from nchains.report.build import report  # the function; the sub-package stays importable by path
+from nchains.distributed import run_batch, serve_export  # Ray itself is imported only when used
 
 __version__ = "0.1.0"
 
-__all__ = ["baselines", "dgr", "evaluate_paths", "greedy_pruning", "Chain", "Contributions", "CriticalPath", "DependencyGraph", "ExportError", "ModelGraph", "NeuroChainsConfig", "ScoredModel", "UnitDAG",
-           "analyze", "compact", "contributions", "critical_path", "critical_paths", "export", "extract", "metrics", "ops", "plot_analyses", "report", "run_analyses", "run_batch", "serve_export", "ssa", "ssa_clusters", "zoo", "__version__"]
+__all__ = [
+    # NeuroChains (paper 1), compact models and export
+    "Chain", "ExportError", "NeuroChainsConfig", "ScoredModel", "compact", "export", "extract", "plot_analyses",
+    "report", "run_analyses",
+    # contributions and critical paths (paper 2), their baselines and metrics
+    "Contributions", "CriticalPath", "baselines", "contributions", "critical_path", "critical_paths", "dgr",
+    "evaluate_paths", "greedy_pruning", "metrics",
+    # step-wise sensitivity analysis (paper 3)
+    "DependencyGraph", "ssa", "ssa_clusters",
+    # model analysis, ops, the shipped model, Ray
+    "ModelGraph", "UnitDAG", "analyze", "ops", "run_batch", "serve_export", "zoo", "__version__",
+]

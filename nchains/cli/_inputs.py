@@ -72,6 +72,21 @@ def add_input_args(p, per_class_default: int = DEFAULT_PER_CLASS, seed_help: Opt
     p.add_argument("--seed", type=int, default=0, help=seed_help or "seed of the image choice (default 0)")
 
 
+def add_chain_model_args(p, images_help: str, pre_for: str = "--images") -> None:
+    """Adds the options of a command that runs a chain's model on the chain's images (``export``,
+    ``analyze``, ``report``): ``--model``, ``--weights``, ``--num-classes`` (default: the chain's
+    model), ``--images`` (``images_help``), ``--size`` and ``--preprocessing`` (of ``pre_for``;
+    default: as the chain's images, else the model's)."""
+    p.add_argument("--model", default=None, help="'default' or torchvision:NAME (default: the chain's model)")
+    p.add_argument("--weights", default=None, help="state_dict file for --model torchvision:NAME")
+    p.add_argument("--num-classes", type=int, default=None, help="outputs of a torchvision model")
+    p.add_argument("--images", default=None, help=images_help)
+    p.add_argument("--size", type=int, default=None,
+                   help=f"image size for {pre_for} (default: as the chain's images, else the model's)")
+    p.add_argument("--preprocessing", choices=["imagenet", "fashion-mnist", "none"], default=None,
+                   help=f"preprocessing of {pre_for} (default: as the chain's images, else the model's)")
+
+
 def csv_list(text: Optional[str], arg: str = "--classes") -> Optional[List[str]]:
     """``"a, b"`` -> ``["a", "b"]``; ValueError for a list without names or with repeats."""
     if text is None:

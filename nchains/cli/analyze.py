@@ -18,6 +18,7 @@ from typing import List, Optional
 
 import torch
 
+from nchains.cli._inputs import add_chain_model_args
 from nchains.cli._outputs import check_output_dir
 
 _FILES = "results.json"
@@ -63,16 +64,8 @@ def add_command(subparsers) -> None:
                    help=f"robustness: PGD steps of eps/4 from a random start (default {DEFAULT_STEPS})")
     p.add_argument("--seed", type=int, default=0, help="robustness: seed of PGD's random start (default 0)")
     p.add_argument("--batch-size", type=int, default=256, help="rows per batched forward (default 256)")
-    p.add_argument("--model", default=None, help="'default' or torchvision:NAME (default: the chain's model)")
-    p.add_argument("--weights", default=None, help="state_dict file for --model torchvision:NAME")
-    p.add_argument("--num-classes", type=int, default=None, help="outputs of a torchvision model")
-    p.add_argument("--images", default=None,
-                   help="folder of images to analyse on (default: the chain's own images, rebuilt from how "
-                        "`nchains extract` chose them)")
-    p.add_argument("--size", type=int, default=None,
-                   help="image size for --images/--pool DIR (default: as the chain's images, else the model's)")
-    p.add_argument("--preprocessing", choices=["imagenet", "fashion-mnist", "none"], default=None,
-                   help="preprocessing of --images/--pool DIR (default: as the chain's images, else the model's)")
+    add_chain_model_args(p, "folder of images to analyse on (default: the chain's own images, rebuilt from how "
+                            "`nchains extract` chose them)", pre_for="--images/--pool DIR")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary (errors only)")
     p.set_defaults(func=cmd_analyze)
 

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from nchains.cli._inputs import add_chain_model_args
 from nchains.cli._outputs import check_output_dir
 
 _DEFAULT_FORMATS = "ts,onnx,pt2"
@@ -37,16 +38,8 @@ def add_command(subparsers) -> None:
                         f"--formats ts,onnx,pt2,aoti) (default {_DEFAULT_FORMATS})")
     p.add_argument("--keep-scores", action="store_true",
                    help="keep BatchNorm and the scores as explicit per-channel ops (bit-exact filter weights)")
-    p.add_argument("--model", default=None, help="'default' or torchvision:NAME (default: the chain's model)")
-    p.add_argument("--weights", default=None, help="state_dict file for --model torchvision:NAME")
-    p.add_argument("--num-classes", type=int, default=None, help="outputs of a torchvision model")
-    p.add_argument("--images", default=None,
-                   help="folder of images to verify on (default: the chain's own images, rebuilt from how "
-                        "`nchains extract` chose them and checked against their hash, plus random inputs)")
-    p.add_argument("--size", type=int, default=None,
-                   help="image size for --images (default: as the chain's images, else the model's)")
-    p.add_argument("--preprocessing", choices=["imagenet", "fashion-mnist", "none"], default=None,
-                   help="preprocessing of --images (default: as the chain's images, else the model's)")
+    add_chain_model_args(p, "folder of images to verify on (default: the chain's own images, rebuilt from how "
+                            "`nchains extract` chose them and checked against their hash, plus random inputs)")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_export)

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from nchains.cli._inputs import add_chain_model_args
+
 
 def add_command(subparsers) -> None:
     """Registers ``report`` on an argparse sub-parsers object."""
@@ -26,14 +28,8 @@ def add_command(subparsers) -> None:
     p.add_argument("chain", help="chain JSON written by `nchains extract` (or Chain.save)")
     p.add_argument("--out", required=True,
                    help="output folder: new, empty or an earlier report (replaced as a whole, atomically)")
-    p.add_argument("--model", default=None, help="'default' or torchvision:NAME (default: the chain's model)")
-    p.add_argument("--weights", default=None, help="state_dict file for --model torchvision:NAME")
-    p.add_argument("--num-classes", type=int, default=None, help="outputs of a torchvision model")
-    p.add_argument("--images", default=None,
-                   help="folder of images to report on (default: the chain's own images, rebuilt and hash-checked)")
-    p.add_argument("--size", type=int, default=None, help="image size for --images (default: as the chain's images)")
-    p.add_argument("--preprocessing", choices=["imagenet", "fashion-mnist", "none"], default=None,
-                   help="preprocessing of --images (default: as the chain's images)")
+    add_chain_model_args(p, "folder of images to report on (default: the chain's own images, rebuilt and "
+                            "hash-checked)")
     p.add_argument("--analyses", default=DEFAULT_ANALYSES,
                    help="comma-separated analyses among fidelity, faithfulness, quotient, stability, robustness, "
                         f"magnitude; 'all' or 'none' (default {DEFAULT_ANALYSES})")
