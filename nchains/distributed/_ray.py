@@ -8,6 +8,7 @@ dashboard off, and worker logs kept out of the driver's terminal.
 
 from __future__ import annotations
 
+import builtins
 import os
 from typing import Optional, Tuple
 
@@ -61,6 +62,23 @@ def local_runtime_env() -> dict:
     return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}
 
 
+#: ``builtins.print`` as it was before each :func:`start_ray`: Ray's driver replaces it with
+#: ``ray.experimental.tqdm_ray.safe_print`` once a worker's output reaches it, for the rest of the
+#: process (the caller's pickles of ``print`` then name Ray's function); :func:`stop_ray` puts it back.
+_PRINT: list = []
+
+
+def stop_ray(ray, started: bool) -> None:
+    """Ends what :func:`start_ray` began: shuts Ray down when that call started it, and restores
+    ``builtins.print`` in any case."""
+    try:
+        if started:
+            ray.shutdown()
+    finally:
+        if _PRINT:
+            builtins.print = _PRINT.pop()
+
+
 def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, what: str = "this") -> Tuple[object, bool]:
     """Connects to Ray.
 
@@ -79,6 +97,7 @@ def start_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, wha
     check_num_cpus(num_cpus)
     if address is not None and num_cpus is not None:
         raise ValueError(f"num_cpus {num_cpus} applies to a local Ray; a cluster at {address!r} has its own CPUs")
+    _PRINT.append(builtins.print)
     if ray.is_initialized():
         return ray, False
     kwargs = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from nchains.distributed._ray import check_address, check_num_cpus, require_ray, start_ray
+from nchains.distributed._ray import check_address, check_num_cpus, require_ray, start_ray, stop_ray
 from nchains.distributed.regions import region_dir_name
 from nchains.distributed.results import ResultsLog, write_summary
 
@@ -153,8 +153,7 @@ def run_batch(regions: Sequence[Dict[str, Any]], out_dir, config=None, *, export
                    tqdm(total=len(keyed), initial=len(keyed) - len(todo), desc="regions", unit="region",
                         disable=not progress, file=sys.stderr))
     finally:
-        if started:
-            ray.shutdown()
+        stop_ray(ray, started)
     wanted = {k for k, _ in keyed}
     summary = write_summary(out_dir, [r for r in log.rows() if r["key"] in wanted])
     return {**summary, "skipped": len(keyed) - len(todo), "ran": len(todo)}

@@ -21,7 +21,7 @@ import os
 import socket
 from typing import Optional
 
-from nchains.distributed._ray import check_address, check_num_cpus, require_ray, start_ray
+from nchains.distributed._ray import check_address, check_num_cpus, require_ray, start_ray, stop_ray
 from nchains.distributed.predictor import RUNTIME_FORMATS, Predictor
 
 __all__ = ["serve_export", "stop_serving", "APP_NAME"]
@@ -100,8 +100,7 @@ def _shutdown(ray, serve, started: bool) -> None:
     try:
         serve.shutdown()
     finally:
-        if started:
-            ray.shutdown()
+        stop_ray(ray, started)
 
 
 def stop_serving() -> None:

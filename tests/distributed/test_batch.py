@@ -3,8 +3,10 @@ with very short schedules, resume, a worker killed mid-task, a failing region.""
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
+import pickle
 import signal
 import statistics
 
@@ -18,18 +20,20 @@ from nchains.distributed.regions import pair_regions  # noqa: E402
 from nchains.neurochains.chain import Chain  # noqa: E402
 from nchains.neurochains.config import NeuroChainsConfig  # noqa: E402
 
+_PRINT = builtins.print  # Ray's driver swaps in its own print once worker output reaches it
 SHORT = ["--steps", "4", "--finetune-steps", "2", "--no-early-stop"]
 SHORT_CONFIG = NeuroChainsConfig(steps=4, finetune_steps=2, stop_delta=None)
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from nchains.distributed._ray import start_ray
+    from nchains.distributed._ray import start_ray, stop_ray
 
     _, started = start_ray(num_cpus=2)  # what `nchains batch` starts; run_batch then reuses it
     assert started
     yield
-    ray.shutdown()
+    stop_ray(ray, started)
+    assert builtins.print is _PRINT, "Ray's replacement of print outlived the session"
 
 
 def _rows(folder):
@@ -96,6 +100,7 @@ def test_killed_worker_is_retried_and_counted_once(local_ray, tmp_path):
     assert len(rows) == 1 and rows[0]["status"] == "ok", rows
     assert rows[0]["pid"] != int(marker.read_text())  # a new worker process finished it
     assert summary["ok"] == 1 and summary["ran"] == 1
+    assert builtins.print is _PRINT  # run_batch leaves the process's print as it found it
 
 
 def test_failing_region_is_recorded_and_the_batch_goes_on(local_ray, tmp_path):
@@ -112,6 +117,7 @@ def test_failing_region_is_recorded_and_the_batch_goes_on(local_ray, tmp_path):
     # a rerun runs only the failed region again (and it fails again: one more row for it)
     again = run_batch(ok + bad, tmp_path / "run", SHORT_CONFIG, progress=False)
     assert again["skipped"] == 1 and again["ran"] == 1 and len(_rows(tmp_path / "run")) == 3
+    assert builtins.print is _PRINT and pickle.dumps(print) == pickle.dumps(_PRINT)
 
 
 @pytest.mark.slow  # one verified export of three formats: about a minute on 2 loaded cores
