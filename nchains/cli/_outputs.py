@@ -9,8 +9,10 @@ Nothing is left behind: missing folders are created later, by the write itself.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from typing import Callable, Iterable, Optional
 
 
 def _nearest_existing(path: str) -> str:
@@ -61,3 +63,22 @@ def check_output_dir(path: str, arg: str = "--out") -> None:
     if not os.path.isdir(base):
         raise ValueError(f"{arg} {path!r} cannot be created: {base!r} is a file, not a folder")
     _probe(base, arg, path)
+
+
+def earlier_output_problem(folder: str, index: str, listed: Callable[[dict], Iterable[str]],
+                           command: str) -> Optional[str]:
+    """Why ``folder`` may not be replaced by ``command``'s output folder, or None when it is
+    empty or an earlier output of ``command`` holding only the files its ``index`` JSON lists
+    (``listed(index contents)``, the index itself included; ``listed`` returns None for an index
+    of another kind, and then no file is ours)."""
+    names = sorted(os.listdir(folder))
+    if not names:
+        return None
+    try:
+        with open(os.path.join(folder, index)) as f:
+            files = listed(json.load(f))
+        ours = set() if files is None else {index, *files}
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no nchains {index} in it"
+    foreign = [n for n in names if n not in ours or not os.path.isfile(os.path.join(folder, n))]
+    return None if not foreign else f"it holds {foreign[0]!r} besides an nchains {command} output"

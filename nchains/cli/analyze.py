@@ -183,17 +183,9 @@ def _pool(args, chain, spec, model):
 
 def _inputs(args, warn):
     """(chain, spec, model, images) as ``nchains export`` finds them."""
-    from nchains.cli.export import _chain_images, _folder_images, _spec
-    from nchains.models.spec import load_model
-    from nchains.neurochains.chain import Chain
+    from nchains.cli.export import _chain_images, _folder_images, chain_and_model
 
-    chain = Chain.load(args.chain)
-    spec = _spec(args, chain)
-    model = load_model(spec)
-    try:
-        chain.check_model(model)
-    except ValueError as exc:
-        raise ValueError(f"--model/--weights: {exc}") from None
+    chain, spec, model = chain_and_model(args)
     if args.images is not None:
         images = _folder_images(args, chain, spec, model)
     else:

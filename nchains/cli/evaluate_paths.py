@@ -13,11 +13,11 @@ images per class.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
 from nchains.cli._inputs import add_input_args, check_input_args, csv_list, load_inputs
+from nchains.cli._outputs import earlier_output_problem
 
 RESULTS = "results.json"
 FORMAT = "nchains-evaluate-paths"
@@ -67,17 +67,8 @@ def add_command(sub) -> None:
 
 def out_problem(folder: str) -> Optional[str]:
     """None when ``folder`` is empty or an earlier ``evaluate-paths`` output holding only its files."""
-    names = sorted(os.listdir(folder))
-    if not names:
-        return None
-    try:
-        with open(os.path.join(folder, RESULTS)) as f:
-            results = json.load(f)
-        ours = {RESULTS, *results["files"]} if results["format"] == FORMAT else set()
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no nchains {RESULTS} in it"
-    foreign = [n for n in names if n not in ours or not os.path.isfile(os.path.join(folder, n))]
-    return None if not foreign else f"it holds {foreign[0]!r} besides an nchains evaluate-paths output"
+    return earlier_output_problem(
+        folder, RESULTS, lambda results: results["files"] if results["format"] == FORMAT else None, "evaluate-paths")
 
 
 def _methods(text: str, arg: str, accepted) -> List[str]:

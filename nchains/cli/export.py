@@ -112,6 +112,22 @@ def _spec(args, chain) -> dict:
     return spec
 
 
+def chain_and_model(args) -> Tuple[object, dict, torch.nn.Module]:
+    """The chain of ``args.chain``, the model spec (``--model`` or the chain's) and that model,
+    checked to be the model the chain was extracted from."""
+    from nchains.models.spec import load_model
+    from nchains.neurochains.chain import Chain
+
+    chain = Chain.load(args.chain)
+    spec = _spec(args, chain)
+    model = load_model(spec)
+    try:
+        chain.check_model(model)
+    except ValueError as exc:
+        raise ValueError(f"--model/--weights: {exc}") from None
+    return chain, spec, model
+
+
 def _folder_images(args, chain, spec, model) -> torch.Tensor:
     """``--images DIR`` preprocessed like the chain's own images (their record, else the model's
     default), ``--size``/``--preprocessing`` overriding."""
@@ -130,10 +146,8 @@ def _folder_images(args, chain, spec, model) -> torch.Tensor:
 
 
 def cmd_export(args) -> int:
-    from nchains.neurochains.chain import Chain
     from nchains.export.exporter import _formats, export
     from nchains.export.folder import check_export_destination
-    from nchains.models.spec import load_model
 
     try:
         formats = _formats(args.formats)
@@ -145,13 +159,7 @@ def cmd_export(args) -> int:
         raise ValueError("--size/--preprocessing apply to --images DIR")
     check_output_dir(args.out)
     check_export_destination(args.out, "--out")  # a file, a foreign folder or an unwritable parent: before the work
-    chain = Chain.load(args.chain)
-    spec = _spec(args, chain)
-    model = load_model(spec)
-    try:
-        chain.check_model(model)
-    except ValueError as exc:
-        raise ValueError(f"--model/--weights: {exc}") from None
+    chain, spec, model = chain_and_model(args)
     warning = None
     if args.images is not None:
         images = _folder_images(args, chain, spec, model)

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from nchains.cli._inputs import add_input_args, check_input_args, in_channels, load_inputs
+from nchains.cli._outputs import earlier_output_problem
 # one parser of --target for the commands that explain a class ('pred' or an index)
 from nchains.cli.contributions import _target
 
@@ -72,17 +73,8 @@ def parse_sparsities(text: str) -> List[float]:
 
 def out_problem(folder: str) -> Optional[str]:
     """None when ``folder`` is empty or an earlier ``nchains paths`` output holding only its files."""
-    names = sorted(os.listdir(folder))
-    if not names:
-        return None
-    try:
-        with open(os.path.join(folder, SUMMARY)) as f:
-            summary = json.load(f)
-        ours = {SUMMARY, *(n for entry in summary["paths"] for n in (entry["file"], entry["png"]))}
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"no nchains {SUMMARY} in it"
-    foreign = [n for n in names if n not in ours or not os.path.isfile(os.path.join(folder, n))]
-    return None if not foreign else f"it holds {foreign[0]!r} besides an nchains paths output"
+    return earlier_output_problem(folder, SUMMARY, lambda summary: (
+        n for entry in summary["paths"] for n in (entry["file"], entry["png"])), "paths")
 
 
 def _check_args(args) -> Tuple[List[float], Any]:
