@@ -17,12 +17,12 @@ from nchains.metrics.attributions import (gradient, gradient_x_input, input_intg
 from nchains.metrics.dead_neurons import dead_neuron_prevalence, plot_prevalence
 from nchains.metrics.degradation import DEFAULT_FRACTIONS, FILLS, lerf, morf, plot_degradation
 from nchains.metrics.jaccard import jaccard, jaccard_matrix, plot_jaccard
-from nchains.metrics.roar import DEFAULT_ROAR_FRACTIONS, plot_roar, roar, roar_cnn, train_classifier
+from nchains.metrics.roar import DEFAULT_ROAR_FRACTIONS, plot_roar, removal_masks, roar, roar_cnn, train_classifier
 from nchains.metrics.sanity import plot_sanity, randomisation_sanity, randomisable_layers
 from nchains.metrics.ssim import ssim
 
 __all__ = ["DEFAULT_FRACTIONS", "DEFAULT_ROAR_FRACTIONS", "FILLS", "dead_neuron_prevalence", "gradient",
            "gradient_x_input", "input_intgrad_attribution", "jaccard", "jaccard_matrix", "lerf", "morf",
            "path_attribution", "plot_degradation", "plot_jaccard", "plot_prevalence", "plot_roar", "plot_sanity",
-           "random_attribution", "randomisable_layers", "randomisation_sanity", "roar", "roar_cnn", "ssim",
-           "train_classifier"]
+           "random_attribution", "randomisable_layers", "randomisation_sanity", "removal_masks", "roar", "roar_cnn",
+           "ssim", "train_classifier"]

@@ -15,6 +15,15 @@ ties by index), and removed pixels take the fill of :func:`~nchains.metrics.degr
 (default ``"zero"``: on the normalised scale this is the training set's mean pixel, Hooker's
 choice). The k = 0 run is the same for every method: it is trained once per repeat and shared.
 
+Leakage control (``mask_control=True``): ROAR's premise is that a degraded image tells the
+retrained network only what the kept pixels show. The *shape* of the removed region can itself
+carry the class (the top pixels of a class-conditioned map trace the object's outline), and then
+accuracy rises as pixels go. The control trains the same CNN on the removal masks alone (1 where a
+pixel was removed, 0 elsewhere; no pixel values) and reports their test accuracy per method and
+k (``mask_accuracy``). Chance is about 0.1 on Fashion-MNIST; a mask accuracy far above it means
+the masks leak the label, and ROAR's accuracies for that method cannot be read as the
+information left in the kept pixels.
+
 Example:
     >>> from nchains.metrics.attributions import gradient, random_attribution
     >>> r = roar({"gradient": gradient, "random": random_attribution(0)}, train_size=5000,
@@ -37,7 +46,7 @@ from nchains._util.io import PathLike
 from nchains.metrics._common import check_fractions, check_map, save_png
 from nchains.metrics.degradation import degrade, fill_values, removal_ranks
 
-__all__ = ["DEFAULT_ROAR_FRACTIONS", "accuracy", "fashion_subsets", "plot_roar", "roar", "roar_cnn",
+__all__ = ["DEFAULT_ROAR_FRACTIONS", "accuracy", "fashion_subsets", "plot_roar", "removal_masks", "roar", "roar_cnn",
            "train_classifier"]
 
 #: The paper's fractions (App. C.3: top 30, 50, 70, 90 %), with the unmodified k = 0.
@@ -142,6 +151,13 @@ def _removed(x: torch.Tensor, maps: torch.Tensor, k: float, fill: torch.Tensor) 
     return degrade(x, ranks, torch.full((len(x),), count), fill)
 
 
+def removal_masks(maps: torch.Tensor, k: float) -> torch.Tensor:
+    """Tensor[N, 1, H, W] float: 1 at the top-``k`` pixels of each map (the ones ROAR removes), else 0."""
+    n, _, h, w = maps.shape
+    count = int(round(k * h * w))
+    return (removal_ranks(maps, "morf") < count).view(n, 1, h, w).to(torch.float32)
+
+
 def _check_methods(methods) -> Dict[str, Callable]:
     if not isinstance(methods, Mapping) or not methods:
         raise ValueError("methods must be a non-empty mapping name -> callable(model, images, targets)")
@@ -155,7 +171,7 @@ def roar(methods: Mapping[str, Callable], model: Optional[nn.Module] = None, *,
          fractions: Sequence[float] = DEFAULT_ROAR_FRACTIONS, train_size: int = 5000, test_size: int = 1000,
          epochs: int = 3, seed: int = 0, repeats: int = 1, fill: str = "zero", batch_size: int = 64,
          lr: float = 3e-3, attribution_batch: int = 100, root: Optional[PathLike] = None,
-         progress: bool = False) -> Dict[str, Any]:
+         mask_control: bool = False, progress: bool = False) -> Dict[str, Any]:
     """Remove-and-retrain accuracy vs fraction of top pixels removed, per attribution method.
 
     Args:
@@ -168,12 +184,16 @@ def roar(methods: Mapping[str, Callable], model: Optional[nn.Module] = None, *,
             data order (repeat r uses ``seed + r``). repeats (int): retrainings per point.
         fill (str): ``"zero"``, ``"mean"`` or ``"blur"``. batch_size, lr: training.
         attribution_batch (int): images per method call. root: Fashion-MNIST idx directory.
+        mask_control (bool): also train on the removal masks alone (the leakage control of the
+            module docstring): one more retraining per method, fraction k > 0 and repeat.
         progress (bool): tqdm bars (overall and per training).
 
     Returns:
         dict: ``fractions``; ``methods``: name -> ``{"accuracy": [F] (mean over repeats),
-        "per_repeat": [R][F], "auc"}`` (trapezoid over the fractions); ``train_size``,
-        ``test_size``, ``epochs``, ``seed``, ``repeats``, ``fill``.
+        "per_repeat": [R][F], "auc"}`` (trapezoid over the fractions), plus with
+        ``mask_control`` ``"mask_accuracy": [F]`` (None at k = 0, where no pixel is removed)
+        and ``"mask_per_repeat"``; ``train_size``, ``test_size``, ``epochs``, ``seed``,
+        ``repeats``, ``fill``, ``mask_control``.
 
     Raises:
         TypeError, ValueError: on a bad argument (before any training).
@@ -183,6 +203,8 @@ def roar(methods: Mapping[str, Callable], model: Optional[nn.Module] = None, *,
     for name, value, low in (("epochs", epochs, 1), ("repeats", repeats, 1), ("seed", seed, 0),
                              ("batch_size", batch_size, 1), ("attribution_batch", attribution_batch, 1)):
         _check_int(value, name, low)
+    if not isinstance(mask_control, bool):
+        raise TypeError(f"mask_control must be a bool, got {type(mask_control).__name__}")
     fill_values(torch.zeros(1, 1, 1, 1), fill)  # the fill name's check
     if model is None:
         from nchains.models.zoo import default_model
@@ -195,7 +217,8 @@ def roar(methods: Mapping[str, Callable], model: Optional[nn.Module] = None, *,
     fills = (fill_values(train_x, fill), fill_values(test_x, fill))
     from tqdm.auto import tqdm
 
-    runs = repeats * ((0.0 in fractions) + len(methods) * sum(1 for k in fractions if k > 0))
+    positive = sum(1 for k in fractions if k > 0)
+    runs = repeats * ((0.0 in fractions) + len(methods) * positive * (2 if mask_control else 1))
     bar = tqdm(total=runs, desc="ROAR retrainings", unit="run", disable=not progress)
 
     def run(tx, vx, r, desc):
@@ -215,13 +238,21 @@ def roar(methods: Mapping[str, Callable], model: Optional[nn.Module] = None, *,
         acc = np.asarray(per).mean(0)
         out[name] = {"accuracy": acc.tolist(), "per_repeat": per,
                      "auc": float(np.trapezoid(acc, fractions)) if len(fractions) > 1 else 0.0}
+        if mask_control:
+            masks = [[None if k == 0.0 else run(removal_masks(maps[0], k).to(train_x),
+                                                removal_masks(maps[1], k).to(test_x), r, f"{name} masks k={k:g}")
+                      for k in fractions] for r in range(repeats)]
+            out[name]["mask_per_repeat"] = masks
+            out[name]["mask_accuracy"] = [None if k == 0.0 else float(np.mean([m[j] for m in masks]))
+                                          for j, k in enumerate(fractions)]
     bar.close()
     return {"fractions": list(fractions), "methods": out, "train_size": train_size, "test_size": test_size,
-            "epochs": epochs, "seed": seed, "repeats": repeats, "fill": fill}
+            "epochs": epochs, "seed": seed, "repeats": repeats, "fill": fill, "mask_control": mask_control}
 
 
 def plot_roar(result: Mapping[str, Any], path: Optional[PathLike] = None):
-    """Test accuracy after retraining vs fraction of top pixels removed (Fig. 6d), AUC in the legend.
+    """Test accuracy after retraining vs fraction of top pixels removed (Fig. 6d), AUC in the legend;
+    with a ``mask_control`` result also the accuracy on the removal masks alone (dashed).
 
     Returns:
         matplotlib.figure.Figure (written as PNG to ``path`` when given).
@@ -232,7 +263,10 @@ def plot_roar(result: Mapping[str, Any], path: Optional[PathLike] = None):
         raise ValueError("result must be a roar result (with 'fractions' and 'methods')")
     fig, ax = new_figure(1)
     for name, r in result["methods"].items():
-        ax.plot(result["fractions"], r["accuracy"], "o-", ms=3, label=f"{name} (AUC {r['auc']:.3g})")
+        line, = ax.plot(result["fractions"], r["accuracy"], "o-", ms=3, label=f"{name} (AUC {r['auc']:.3g})")
+        if r.get("mask_accuracy"):
+            pts = [(k, a) for k, a in zip(result["fractions"], r["mask_accuracy"]) if a is not None]
+            ax.plot(*zip(*pts), "x--", ms=4, color=line.get_color(), label=f"{name}: masks alone")
     ax.set_xlabel("fraction of top pixels removed")
     ax.set_ylabel("test accuracy after retraining")
     ax.set_title(f"ROAR ({result.get('train_size')} train images, {result.get('epochs')} epochs)", fontsize=10)

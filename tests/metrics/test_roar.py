@@ -48,3 +48,33 @@ def test_roar_checks_before_training():
         roar({"g": "gradient"})
     with pytest.raises(ValueError, match="train_size"):
         roar({"g": gradient}, train_size=5)
+
+
+def _label_stripe(model, images, targets):
+    """A map whose top pixels are row ``2 * label + 3`` of the image: its removal mask names the label."""
+    maps = torch.zeros(len(images), 1, 28, 28)
+    maps[torch.arange(len(images)), 0, 2 * targets + 3, :] = 1.0
+    return maps
+
+
+def test_mask_control_detects_a_leaking_mask():
+    from nchains.metrics import removal_masks
+
+    r = roar({"stripe": _label_stripe, "random": random_attribution(0)}, fractions=[0.0, 28 / 784], epochs=3,
+             mask_control=True, **SIZES)
+    stripe, rand = r["methods"]["stripe"], r["methods"]["random"]
+    assert stripe["mask_accuracy"][0] is None and r["mask_control"] is True
+    # the stripe's removal mask is the label's row, exactly: the masks alone classify (nearly) perfectly
+    assert stripe["mask_accuracy"][1] > 0.9
+    # a random map's mask carries nothing about the label: about chance (10 classes, 200 test images)
+    assert rand["mask_accuracy"][1] < 0.25
+    _, train_y, _, _ = fashion_subsets(300, 200, seed=5)
+    masks = removal_masks(_label_stripe(None, torch.zeros(len(train_y), 1, 28, 28), train_y), 28 / 784)
+    assert torch.equal(masks.sum((1, 2, 3)), torch.full((len(train_y),), 28.0))
+    rows = masks[:, 0].sum(2).argmax(1)
+    assert torch.equal(rows, 2 * train_y + 3)
+
+
+def test_mask_control_is_a_bool():
+    with pytest.raises(TypeError, match="mask_control must be a bool"):
+        roar({"g": gradient}, mask_control="yes")
