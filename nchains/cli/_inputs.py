@@ -6,14 +6,15 @@
 work; ``load_inputs`` loads the model and the images the way the model expects
 (:func:`nchains.models.spec.spec_preprocessing`, ``--size``/``--preprocessing`` override it) and
 names the classes by the model or by the class sub-folders. Without ``--model`` and ``--images``
-it is the shipped model on its shipped Fashion-MNIST test images.
+it is the shipped model on its shipped Fashion-MNIST test images. ``parse_target`` reads the
+``--target`` of the commands that explain a class (``contributions``, ``paths``).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -45,9 +46,16 @@ class Inputs(NamedTuple):
     source: Dict[str, Any]
 
 
-def add_input_args(p, per_class_default: int = DEFAULT_PER_CLASS, seed_help: Optional[str] = None) -> None:
-    """Adds the model and image options of ``nchains extract`` to the sub-parser ``p``."""
-    p.set_defaults(per_class_default=per_class_default)
+def add_input_args(p, per_class_default: int = DEFAULT_PER_CLASS, seed_help: Optional[str] = None,
+                   confident_default: Optional[float] = DEFAULT_CONFIDENT) -> None:
+    """Adds the model and image options of ``nchains extract`` to the sub-parser ``p``.
+
+    ``per_class_default`` and ``confident_default`` are what ``--per-class`` and ``--confident``
+    mean when not given (``confident_default=None``: the shipped images are not filtered by the
+    model's confidence unless ``--confident`` is given); :func:`load_inputs` applies them."""
+    p.set_defaults(per_class_default=per_class_default, confident_default=confident_default)
+    confident = (f"default {confident_default}" if confident_default is not None
+                 else "default: no filter, any image of the sample can be picked")
     p.add_argument("--model", default=None,
                    help="'default' (shipped Fashion-MNIST ResNet), torchvision:NAME (e.g. torchvision:resnet50), "
                         "or a TorchScript (.pt/.ts) / torch.export (.pt2) FILE")
@@ -62,8 +70,8 @@ def add_input_args(p, per_class_default: int = DEFAULT_PER_CLASS, seed_help: Opt
                    help=f"images per class (default {per_class_default}; a folder with fewer gives what it has, "
                         "with a warning)")
     p.add_argument("--confident", type=float, default=None,
-                   help="shipped images only: pick images the model predicts with at least this probability "
-                        f"(default {DEFAULT_CONFIDENT})")
+                   help=f"shipped images only: pick images the model predicts with at least this probability "
+                        f"({confident})")
     p.add_argument("--size", type=int, default=None,
                    help="image size for --images (default: the model's, 28 for the default model, 224 otherwise)")
     p.add_argument("--preprocessing", choices=["imagenet", "fashion-mnist", "none"], default=None,
@@ -98,6 +106,21 @@ def csv_list(text: Optional[str], arg: str = "--classes") -> Optional[List[str]]
     if repeated:
         raise ValueError(f"{arg} must not repeat a class, got {', '.join(repeated)} more than once in {text!r}")
     return items
+
+
+def parse_target(text: str) -> Union[str, int]:
+    """``--target``: ``'pred'`` (the predicted class) or a class index (an int >= 0); ValueError
+    naming --target otherwise. Whether the index is below the model's outputs is checked by the
+    library once the model is loaded."""
+    if text == "pred":
+        return "pred"
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"--target must be 'pred' or a class index (an int >= 0), got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"--target must be 'pred' or a class index (an int >= 0), got {value}")
+    return value
 
 
 def check_input_args(args) -> None:
@@ -135,7 +158,7 @@ def _per_class(args) -> int:
 def _default_images(args) -> Tuple[torch.Tensor, str, Dict[str, Any]]:
     from nchains.models.image_source import default_source, images_from_source
 
-    confident = DEFAULT_CONFIDENT if args.confident is None else args.confident
+    confident = getattr(args, "confident_default", DEFAULT_CONFIDENT) if args.confident is None else args.confident
     source = default_source(csv_list(args.classes), _per_class(args), args.seed, confident)
     try:
         images, what = images_from_source(source)

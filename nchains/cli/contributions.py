@@ -15,7 +15,7 @@ import json
 import sys
 from typing import Any, Dict, List, Union
 
-from nchains.cli._inputs import add_input_args, check_input_args, load_inputs
+from nchains.cli._inputs import add_input_args, check_input_args, load_inputs, parse_target
 
 MAX_STEPS = 100_000
 RESERVED = ("target", "logits")
@@ -50,18 +50,6 @@ def add_command(sub) -> None:
     p.set_defaults(func=cmd_contributions)
 
 
-def _target(text: str) -> Union[str, int]:
-    if text == "pred":
-        return "pred"
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"--target must be 'pred' or a class index (an int >= 0), got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"--target must be 'pred' or a class index (an int >= 0), got {value}")
-    return value
-
-
 def _layers(text: str) -> Union[str, List[str]]:
     if text in ("activations", "units"):
         return text
@@ -76,7 +64,7 @@ def _check_args(args) -> None:
     from nchains.cli._outputs import check_output_file
 
     check_input_args(args)
-    _target(args.target)
+    parse_target(args.target)
     _layers(args.layers)
     if not 1 <= args.steps <= MAX_STEPS:
         raise ValueError(f"--steps must be an int in [1, {MAX_STEPS}], got {args.steps}")
@@ -148,7 +136,7 @@ def cmd_contributions(args) -> int:
             print(f"nchains: warning: {text}", file=sys.stderr)
 
     inputs = load_inputs(args, warn)
-    c = contributions(inputs.model, inputs.images, target=_target(args.target), method=args.method,
+    c = contributions(inputs.model, inputs.images, target=parse_target(args.target), method=args.method,
                       layers=_layers(args.layers), unit=args.unit, absolute=args.absolute, steps=args.steps,
                       batch_size=args.batch_size, progress=not (args.quiet or args.json))
     write_atomic(args.out, npz_bytes(c))

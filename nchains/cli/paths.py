@@ -19,10 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from nchains.cli._inputs import add_input_args, check_input_args, in_channels, load_inputs
+from nchains.cli._inputs import add_input_args, check_input_args, in_channels, load_inputs, parse_target
 from nchains.cli._outputs import earlier_output_problem
-# one parser of --target for the commands that explain a class ('pred' or an index)
-from nchains.cli.contributions import _target
 
 SUMMARY = "paths.json"
 FORMAT = "nchains-paths"
@@ -81,7 +79,7 @@ def _check_args(args) -> Tuple[List[float], Any]:
     """Every check that needs no model, in the order the user reads the options."""
     check_input_args(args)
     sparsities = parse_sparsities(args.sparsity)
-    target = _target(args.target)
+    target = parse_target(args.target)
     if not 1 <= args.steps <= 100_000:
         raise ValueError(f"--steps must be an int in [1, 100000], got {args.steps}")
     if args.default_index is not None and not 0 <= args.default_index < 1000:
