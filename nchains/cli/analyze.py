@@ -1,6 +1,8 @@
 """The ``nchains analyze`` command: the NeuroChains paper's analyses of a chain
 (:mod:`nchains.neurochains.analyses`), printed as JSON (``--json``) or written as
-``results.json`` plus a PNG per analysis into ``--out`` (all or nothing).
+``results.json`` plus a PNG per analysis into ``--out`` (all or nothing; ``results.json``'s
+``files`` lists the PNGs, and an existing ``--out`` is replaced only when it is empty or an
+earlier analyze output holding only those files).
 
 The model and the chain's images are found as ``nchains export`` finds them: the chain's model
 (``--model``/``--weights`` override it) and its own images rebuilt from its ``images_source``
@@ -19,7 +21,7 @@ from typing import List, Optional
 import torch
 
 from nchains.cli._inputs import add_chain_model_args
-from nchains.cli._outputs import check_output_dir
+from nchains.cli._outputs import check_output_dir, earlier_output_problem
 
 _FILES = "results.json"
 
@@ -121,21 +123,20 @@ def _check_args(args) -> dict:
     return parsed
 
 
-def _replace_problem(folder: str) -> Optional[str]:
-    """Why an existing ``--out`` may not be replaced (None: empty or an earlier analyze output)."""
-    names = sorted(os.listdir(folder))
-    if not names:
+def _written(results: dict) -> Optional[List[str]]:
+    """The PNGs beside an analyze ``results.json`` (None for a JSON of another kind): its
+    ``files``, or for an output of an nchains that did not record them, one per analysis."""
+    from nchains.neurochains.analyses.run import ANALYSES, FORMAT
+
+    if results.get("format") != FORMAT:
         return None
-    foreign = [n for n in names if n != _FILES and not n.endswith(".png")]
-    if not foreign and _FILES in names:
-        try:
-            with open(os.path.join(folder, _FILES)) as f:
-                if json.load(f).get("format") == "nchains.analyses":
-                    return None
-        except (OSError, ValueError, AttributeError):
-            pass
-    return (f"it holds files that are not an earlier `nchains analyze` output ({', '.join(foreign[:3]) or _FILES}); "
-            "give a new or empty folder")
+    return results["files"] if "files" in results else [f"{n}.png" for n in ANALYSES if n in results]
+
+
+def _replace_problem(folder: str) -> Optional[str]:
+    """Why an existing ``--out`` may not be replaced (None: empty or an earlier analyze output
+    holding only the files its results.json lists)."""
+    return earlier_output_problem(folder, _FILES, _written, "analyze")
 
 
 def _labels(chain, images: torch.Tensor) -> Optional[torch.Tensor]:
@@ -225,13 +226,14 @@ def cmd_analyze(args) -> int:
     if args.json:
         print(json.dumps(results, indent=1, allow_nan=False))
         return 0
+    pngs = {f"{name}.png": png_bytes(fig) for name, fig in figures(results).items()}
     with StagedFolder(args.out, _replace_problem, "--out") as staged:
-        staged.write(_FILES, (json.dumps(results, indent=1, allow_nan=False) + "\n").encode())
-        names = [_FILES]
-        for name, fig in figures(results).items():
-            staged.write(f"{name}.png", png_bytes(fig))
-            names.append(f"{name}.png")
+        index = {**results, "files": list(pngs)}
+        staged.write(_FILES, (json.dumps(index, indent=1, allow_nan=False) + "\n").encode())
+        for name, data in pngs.items():
+            staged.write(name, data)
         staged.publish()
+    names = [_FILES, *pngs]
     if not args.quiet:
         print("\n".join(summary_lines(results)))
         print(f"wrote {', '.join(os.path.join(args.out, n) for n in names)}")

@@ -24,10 +24,12 @@ def add_command(subparsers) -> None:
         description="Write DIR/index.html: the chain graph (SVG), the chain's images with the original and chain "
                     "predictions, SMOE maps per layer of one image per class, activation maximisation and "
                     "top-activating images of every kept filter, the inference chain per class, the metrics and the "
-                    "analyses' plots (numbers in DIR/analyses.json). No network resource: inline SVG and PNG only.")
+                    "analyses' plots (numbers in DIR/analyses.json; DIR/report.json lists the files). No network "
+                    "resource: inline SVG and PNG only.")
     p.add_argument("chain", help="chain JSON written by `nchains extract` (or Chain.save)")
     p.add_argument("--out", required=True,
-                   help="output folder: new, empty or an earlier report (replaced as a whole, atomically)")
+                   help="output folder: new, empty or an earlier report (replaced as a whole, atomically); a folder "
+                        "holding other files is refused")
     add_chain_model_args(p, "folder of images to report on (default: the chain's own images, rebuilt and "
                             "hash-checked)")
     p.add_argument("--analyses", default=DEFAULT_ANALYSES,

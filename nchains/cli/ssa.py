@@ -5,8 +5,9 @@ Every argument is checked, and ``--out`` is checked replaceable, before the mode
 The images of each class are analysed for that class's output. The output folder is written
 all-or-nothing (:class:`nchains._util.publish.StagedFolder`): per class ``<k>-<class>.json``,
 ``.graphml``, ``.dot`` and a ``.svg`` picture (graphviz ``dot`` when installed, else
-matplotlib), ``dendrogram.png`` (two classes or more) and ``summary.json``. An existing ``--out``
-is replaced only when it is empty or an earlier ``nchains ssa`` result.
+matplotlib), ``dendrogram.png`` (two classes or more) and ``summary.json``, which names every
+other file (``classes[].files``, ``clusters.file``). An existing ``--out`` is replaced only when
+it is empty or an earlier ``nchains ssa`` result holding only those files.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from nchains.cli._inputs import add_input_args, check_input_args, load_inputs
+from nchains.cli._outputs import earlier_output_problem
 
 SUMMARY = "summary.json"
 SUMMARY_FORMAT = "nchains-ssa"
@@ -35,11 +37,9 @@ def add_command(sub) -> None:
                                    "frequency across the class's images, top --branching per neuron; then Ward "
                                    "clustering of the classes' graphs. Without --model it runs on the shipped "
                                    "Fashion-MNIST ResNet and its images.")
-    add_input_args(p, per_class_default=100)
+    add_input_args(p, per_class_default=100, confident_default=None)  # the whole sample of a class can be used
     actions = {a.dest: a for a in p._actions}
     actions["classes"].help += "; 'all' (the default): every class"
-    actions["confident"].help = ("shipped images only: pick images the model predicts with at least this probability "
-                                 "(default for ssa: no filter, the whole sample of a class can be used)")
     p.add_argument("--branching", type=int, default=3, help="lower neurons kept per upper neuron (default 3)")
     p.add_argument("--response", choices=["mean", "max"], default="mean",
                    help="response of an upper conv channel: its spatial mean (default) or maximum")
@@ -54,16 +54,19 @@ def add_command(sub) -> None:
     p.set_defaults(func=cmd_ssa)
 
 
-def _replace_problem(folder: str) -> Optional[str]:
-    """None when ``folder`` may be replaced: empty, or an earlier ``nchains ssa`` result."""
-    if not os.listdir(folder):
+def _written(summary: Dict[str, Any]) -> Optional[List[str]]:
+    """The files beside ``summary.json`` that an ``nchains ssa`` summary names (None for a
+    summary of another kind)."""
+    if summary.get("format") != SUMMARY_FORMAT:
         return None
-    try:
-        with open(os.path.join(folder, SUMMARY)) as f:
-            fmt = json.load(f).get("format")
-    except (OSError, ValueError, AttributeError):
-        return f"no {SUMMARY} of an earlier nchains ssa run"
-    return None if fmt == SUMMARY_FORMAT else f"its {SUMMARY} is not an nchains ssa summary"
+    files = [name for c in summary["classes"] for name in c["files"].values()]
+    return files + ([summary["clusters"]["file"]] if summary["clusters"] is not None else [])
+
+
+def _replace_problem(folder: str) -> Optional[str]:
+    """None when ``folder`` may be replaced: empty, or an earlier ``nchains ssa`` result holding
+    only the files its summary names."""
+    return earlier_output_problem(folder, SUMMARY, _written, "ssa")
 
 
 def _check_args(args) -> None:
@@ -128,25 +131,6 @@ def _groups(inputs) -> List[Tuple[str, int, torch.Tensor]]:
     return _folder_groups(inputs, n_out)
 
 
-def _inputs(args, warn):
-    """``load_inputs``, except that the shipped images are not filtered by confidence unless
-    --confident is given (the sample has 100 images per class, --per-class defaults to 100)."""
-    if args.images is not None or args.confident is not None or args.model not in (None, "default"):
-        return load_inputs(args, warn)
-    from nchains.cli._inputs import Inputs, csv_list
-    from nchains.models import zoo
-    from nchains.models.image_source import default_source, images_from_source
-    from nchains.models.spec import load_model, parse_model_spec
-
-    spec = parse_model_spec(args.model, args.weights, args.num_classes)
-    source = default_source(csv_list(args.classes), args.per_class or 100, args.seed, None)
-    try:
-        images, what = images_from_source(source)
-    except ValueError as exc:  # name the CLI flags, not the Python arguments
-        raise ValueError(str(exc).replace("per_class", "--per-class").replace("classes:", "--classes:", 1)) from None
-    return Inputs(spec, load_model(spec), images, zoo.default_class_names(), what, source)
-
-
 def _file_stem(target: int, name: str) -> str:
     return f"{target:02d}-{re.sub(r'[^A-Za-z0-9._-]+', '-', name).strip('-') or 'class'}"
 
@@ -200,7 +184,7 @@ def cmd_ssa(args) -> int:
             print(f"nchains: warning: {text}", file=sys.stderr)
 
     start = time.perf_counter()
-    inputs = _inputs(args, warn)
+    inputs = load_inputs(args, warn)
     groups = _groups(inputs)
     if chatty:
         print(f"step-wise sensitivity analysis of {inputs.spec.get('name', 'the default model')} on {inputs.what}, "

@@ -5,6 +5,8 @@ The page (see :mod:`.sections`): the chain graph (inline SVG), the chain's image
 original's and the chain's predictions, per-layer SMOE maps of one image per class, each kept
 filter's activation maximisation and top-activating images, the inference chain per class,
 the chain's metrics and the analyses' plots and numbers (``analyses.json`` beside the page).
+``report.json`` lists the folder's files: an existing folder is replaced only when it is empty
+or an earlier report holding only those files.
 """
 
 from __future__ import annotations
@@ -28,19 +30,26 @@ from nchains.report.sections import (analyses_section, filters_section, graph_se
 from nchains.report.smoe import smoe_maps
 from nchains.report.unit_outputs import computed_layers
 
-__all__ = ["DEFAULT_ANALYSES", "FILES", "replace_problem", "report"]
+__all__ = ["DEFAULT_ANALYSES", "FILES", "MANIFEST", "replace_problem", "report"]
 
 #: What the report runs by default: every analysis but the fidelity sweep (a new extraction per
 #: lambda: minutes). On the shipped Quick-start chain they take about 25 s of CPU together.
 DEFAULT_ANALYSES = "faithfulness,quotient,stability,robustness,magnitude"
-#: The files a report folder holds.
-FILES = ("index.html", "analyses.json")
+#: The report folder's index: ``{"format": "nchains-report", "version": 1, "files": [...]}``,
+#: ``files`` naming the other files the report wrote.
+MANIFEST = "report.json"
+REPORT_FORMAT = "nchains-report"
+#: The files a report folder may hold (analyses.json only when analyses ran).
+FILES = ("index.html", "analyses.json", MANIFEST)
 
 
 def replace_problem(folder: str) -> Optional[str]:
-    """None when ``folder`` may be replaced by a report (empty or an earlier report), else why."""
-    foreign = sorted(n for n in os.listdir(folder) if n not in FILES and not n.startswith(".nchains-probe-"))
-    return None if not foreign else f"it holds {', '.join(foreign[:3])}"
+    """None when ``folder`` may be replaced by a report (empty, or an earlier report holding only
+    the files its ``report.json`` lists), else why."""
+    from nchains.cli._outputs import earlier_output_problem
+
+    return earlier_output_problem(folder, MANIFEST, lambda m: m["files"] if m.get("format") == REPORT_FORMAT else None,
+                                  "report")
 
 
 def _chain_and_model(chain, model):
@@ -89,11 +98,16 @@ class _Stages:
 
 
 def _publish(out_dir, html: str, results: Optional[Dict[str, Any]]) -> None:
-    """``index.html`` (and ``analyses.json``) in place of ``out_dir``, all or nothing."""
+    """``index.html`` (and ``analyses.json``) and ``report.json`` listing them in place of
+    ``out_dir``, all or nothing."""
+    files = {"index.html": html.encode("utf-8")}
+    if results is not None:
+        files["analyses.json"] = (json.dumps(results, indent=1) + "\n").encode("utf-8")
+    manifest = {"format": REPORT_FORMAT, "version": 1, "files": list(files)}
     with StagedFolder(out_dir, replace_problem) as staged:
-        staged.write("index.html", html.encode("utf-8"))
-        if results is not None:
-            staged.write("analyses.json", (json.dumps(results, indent=1) + "\n").encode("utf-8"))
+        for name, data in files.items():
+            staged.write(name, data)
+        staged.write(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
         staged.publish()
 
 
@@ -140,8 +154,10 @@ def report(chain, model: Optional[nn.Module] = None, out_dir=None, *, images: Op
     Args:
         chain (Chain or path): the chain (or its JSON file).
         model (nn.Module): its original model (default: rebuilt from ``chain.model_spec``).
-        out_dir (path): the folder: new, empty or an earlier report (replaced as a whole,
-            atomically); checked writable before any work.
+        out_dir (path): the folder: new, empty or an earlier report holding only the files
+            its ``report.json`` lists (replaced as a whole, atomically); checked writable before
+            any work. It gets ``index.html``, ``analyses.json`` (when analyses ran) and
+            ``report.json``.
         images (Tensor[N, *chain.input_shape]): the chain's images (default: rebuilt from
             ``chain.images_source``, hash-checked).
         analyses: names among :data:`nchains.neurochains.analyses.ANALYSES` (comma-separated

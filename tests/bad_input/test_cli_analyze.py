@@ -59,7 +59,8 @@ def test_out_holds_other_files(refused, chain_file, tmp_path):
     out.mkdir()
     (out / "thesis.tex").write_text("keep me")
     (out / "results.json").write_text("{}")
-    refused(["analyze", chain_file, "--out", str(out)], "not an earlier `nchains analyze` output", watch=[out])
+    refused(["analyze", chain_file, "--out", str(out)],
+            "(its results.json is not an nchains analyze index; it holds 'thesis.tex')", watch=[out])
     assert (out / "thesis.tex").read_text() == "keep me"
 
 

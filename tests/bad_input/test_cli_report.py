@@ -47,7 +47,8 @@ def test_bad_destinations(refused, chain_file, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep")
-    refused(["report", chain_file, "--out", "mine"], "holds notes.txt", watch=[mine])
+    refused(["report", chain_file, "--out", "mine"], "(no nchains report.json in it; it holds 'notes.txt')",
+            watch=[mine])
     refused(["report", chain_file, "--out", "."], "--out '.' is the current folder")
     refused(["report", chain_file], "the following arguments are required: --out")
 

@@ -39,9 +39,9 @@ def test_output_that_is_a_file_or_a_foreign_folder(refused, tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    refused(["ssa", "--out", "mine"], "no summary.json of an earlier nchains ssa run")
+    refused(["ssa", "--out", "mine"], "(no nchains summary.json in it; it holds 'notes.txt')")
     (mine / "summary.json").write_text(json.dumps({"format": "something-else"}))
-    refused(["ssa", "--out", "mine"], "is not an nchains ssa summary")
+    refused(["ssa", "--out", "mine"], "(its summary.json is not an nchains ssa index; it holds 'notes.txt')")
     assert (mine / "notes.txt").read_text() == "keep me"
 
 

@@ -1,6 +1,7 @@
 """The report as a user sees it: written all or nothing, self-contained (no external resource),
 rendered by headless Chromium to a non-blank screenshot, with the expected sections and figures."""
 
+import json
 import os
 import re
 import shutil
@@ -60,7 +61,9 @@ def written(tmp_path_factory):
 
 def test_page_is_self_contained_and_complete(written):
     chain, images, out, path, html = written
-    assert sorted(os.listdir(out)) == ["analyses.json", "index.html"]
+    assert sorted(os.listdir(out)) == ["analyses.json", "index.html", "report.json"]
+    assert json.loads((out / "report.json").read_text()) == {"format": "nchains-report", "version": 1,
+                                                            "files": ["index.html", "analyses.json"]}
     refs = _Refs()
     refs.feed(html)
     assert refs.refs, "no src/href at all: the parser saw nothing"
@@ -84,14 +87,19 @@ def test_an_existing_report_is_replaced_and_a_foreign_folder_refused(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="holds notes.txt"):
+    with pytest.raises(ValueError, match="no nchains report.json in it; it holds 'notes.txt'"):
         nchains.report(chain, net, foreign, images=images, analyses=None, actmax_steps=0, progress=False)
     assert os.listdir(foreign) == ["notes.txt"]
     out = tmp_path / "report"
     nchains.report(chain, net, out, images=images, analyses="quotient", actmax_steps=0, progress=False)
-    assert sorted(os.listdir(out)) == ["analyses.json", "index.html"]
+    assert sorted(os.listdir(out)) == ["analyses.json", "index.html", "report.json"]
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="it holds 'notes.txt' besides an nchains report output"):
+        nchains.report(chain, net, out, images=images, analyses=None, actmax_steps=0, progress=False)
+    (out / "notes.txt").unlink()
     again = nchains.report(chain, net, out, images=images, analyses=None, actmax_steps=0, progress=False)
-    assert sorted(os.listdir(out)) == ["index.html"]  # the previous set replaced as a whole
+    assert sorted(os.listdir(out)) == ["index.html", "report.json"]  # the previous set replaced as a whole
+    assert json.loads((out / "report.json").read_text())["files"] == ["index.html"]
     assert "Analyses not run" in open(again, encoding="utf-8").read()
     assert not [n for n in os.listdir(tmp_path) if "staging" in n or "old" in n]
 

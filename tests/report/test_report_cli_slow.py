@@ -32,4 +32,4 @@ def test_report_of_a_shipped_model_chain(tmp_path, capsys):
     for name in results["which"]:
         assert f"<h3>{name}</h3>" in html
     assert html.count('<circle class="filter"') > 0 and "Combine All" in html
-    assert sorted(os.listdir(out)) == ["analyses.json", "index.html"]
+    assert sorted(os.listdir(out)) == ["analyses.json", "index.html", "report.json"]

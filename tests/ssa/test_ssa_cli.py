@@ -115,3 +115,23 @@ def test_image_folder_with_class_subfolders(tmp_path):
     want = nchains.ssa(model, images, target=8)
     got = nchains.DependencyGraph.load(out / "08-bag.json")
     assert (got.nodes, got.edges) == (want.nodes, want.edges)
+
+
+def test_confidence_filter_only_when_asked(run, tmp_path, capsys):
+    """The shipped images are not filtered by the model's confidence unless --confident is given
+    (ssa's default, unlike the other commands'), and --help says so."""
+    from nchains._util.io import hash_tensor
+
+    s = json.loads((run / "summary.json").read_text())
+    assert s["images"]["confident"] is None
+    out = tmp_path / "confident"
+    assert cli.main(["ssa", "--classes", "bag", "--per-class", "2", "--branching", "1", "--confident", "0.999",
+                     "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["images"]["confident"] == 0.999
+    picked, _, _ = zoo.default_images(["bag"], per_class=2, confident=0.999)
+    unfiltered, _, _ = zoo.default_images(["bag"], per_class=2, confident=None)
+    assert hash_tensor(picked) != hash_tensor(unfiltered)  # the filter changes the pick: the check can fail
+    assert nchains.DependencyGraph.load(out / "08-bag.json").images_hash == hash_tensor(picked)
+    with pytest.raises(SystemExit):
+        cli.main(["ssa", "--help"])
+    assert "(default: no filter, any image of the sample can be picked)" in " ".join(capsys.readouterr().out.split())
