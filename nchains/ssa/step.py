@@ -31,19 +31,41 @@ Efficiency: the producers' outputs come from one forward of the model (:func:`pr
 without autograd), the step graph runs only the segment between them and ``U``, and the VJP of
 all upper neurons and images at once is one backward (:func:`step_relevance`; in neuron chunks
 bounded by :data:`GRAD_BUDGET_BYTES`).
+
+Narrowed steps (:class:`NarrowTail`): upper neuron ``n`` needs only channel ``n`` of ``U``, so
+where ``U``'s own ops after its input (the end of the step graph) are exactly the analysed
+unit -- one call of its conv (any groups, stride, dilation, zero padding and pre-pad of
+:class:`~nchains.graph.units.ConvUnit`, with the weight and bias the conv computes with) or of
+an exact ``nn.Linear`` with a 2-d output, then at most an exact eval-mode ``nn.BatchNorm2d``
+and the unit's elementwise activation, each reading only the one before -- the step computes
+for each chosen neuron its own channel only, forward and backward: the segment up to ``U``'s
+input (the *head*) runs once on the N images with the producers' outputs as leaves; ``U``'s
+selected filters (rows), BN statistics and activation run once on that input; one backward to
+their pre-activations gives every neuron's seed (channel ``j`` reaches response ``j`` only);
+the transpose of the conv is applied per neuron with its own filter (one batched matmul of the
+filter taps with the shifted seeds; when ``U`` reads a producer directly, the spatial means
+come from sums of the seeds and no map is made); the head's VJP of every neuron is one batched
+backward (``is_grads_batched``). Anything else -- another op or module in ``U``'s chain, a
+``BatchNorm2d`` subclass, a BN in training mode when the step runs, a unit reading the images,
+``narrow=False`` -- takes the full computation above (every stacked copy computes every
+channel of ``U``). Both give the same relevance up to rounding (tests/ssa/test_narrow_step.py,
+in float64 to 1e-9). NARROW_NUMBERS
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from torch import fx
+import torch.nn.functional as F
+from torch import fx, nn
 
 from nchains.graph.analysis import ModelGraph
+from nchains.graph.units import ConvUnit
 from nchains.instrument.taps import Site, tap
 
-__all__ = ["GRAD_BUDGET_BYTES", "RESPONSES", "prefix_graph", "response_of", "step_graph", "step_relevance"]
+__all__ = ["GRAD_BUDGET_BYTES", "RESPONSES", "NarrowTail", "prefix_graph", "response_of", "step_graph",
+           "step_relevance"]
 
 #: ``response`` options: how an upper conv channel's map becomes one number.
 RESPONSES = ("mean", "max")
@@ -82,25 +104,12 @@ def prefix_graph(graph: ModelGraph, names: Sequence[str]) -> fx.GraphModule:
     return gm
 
 
-def step_graph(graph: ModelGraph, upper: str, lowers: Sequence[str]) -> fx.GraphModule:
-    """The ops between the producers ``lowers`` and unit ``upper`` (``upper``'s own included),
-    as a graph that reads the producers' outputs.
-
-    Args:
-        graph (ModelGraph): from :func:`nchains.analyze`.
-        upper (str): a unit name.
-        lowers (sequence of str): ``graph.dag.producers(upper)``.
-
-    Returns:
-        fx.GraphModule ``forward(images, *lower_outputs) -> upper output`` (Tensor[N, C, H, W]
-        or Tensor[N, F]); ``images`` is read only where the model input reaches ``upper``
-        without passing a unit. Any path through another unit is cut: it reaches ``upper``
-        only through one of ``lowers`` (the DAG's rule), whose output is an input here.
-    """
-    lowers = list(lowers)
-    gm, _, values = _tapped(graph, [*lowers, upper])
+def _segment(gm: fx.GraphModule, values: Dict[str, fx.Node], lowers: Sequence[str], out: fx.Node,
+             class_name: str) -> fx.GraphModule:
+    """The nodes of ``gm`` between the producers ``lowers`` and ``out``, as a graph
+    ``forward(images, *lower_outputs) -> out``."""
     stop = {values[name] for name in lowers}
-    segment, stack = set(), [values[upper]]
+    segment, stack = set(), [out]
     while stack:
         node = stack.pop()
         if node not in segment and node not in stop:
@@ -116,8 +125,188 @@ def step_graph(graph: ModelGraph, upper: str, lowers: Sequence[str]) -> fx.Graph
     for node in gm.graph.nodes:
         if node in segment and node.op != "placeholder":
             env[node] = new.node_copy(node, lambda a: env[a])
-    new.output(env[values[upper]])
-    return fx.GraphModule(gm, new, class_name="SSAStep")
+    new.output(env[out])
+    return fx.GraphModule(gm, new, class_name=class_name)
+
+
+def step_graph(graph: ModelGraph, upper: str, lowers: Sequence[str]) -> fx.GraphModule:
+    """The ops between the producers ``lowers`` and unit ``upper`` (``upper``'s own included),
+    as a graph that reads the producers' outputs.
+
+    Args:
+        graph (ModelGraph): from :func:`nchains.analyze`.
+        upper (str): a unit name.
+        lowers (sequence of str): ``graph.dag.producers(upper)``.
+
+    Returns:
+        fx.GraphModule ``forward(images, *lower_outputs) -> upper output`` (Tensor[N, C, H, W]
+        or Tensor[N, F]); ``images`` is read only where the model input reaches ``upper``
+        without passing a unit. Any path through another unit is cut: it reaches ``upper``
+        only through one of ``lowers`` (the DAG's rule), whose output is an input here. Its
+        attribute ``narrow`` is a :class:`NarrowTail` where ``upper``'s own ops are the
+        narrowable tail of the module docstring (:func:`step_relevance` then computes one
+        channel per stacked copy), else None.
+    """
+    lowers = list(lowers)
+    gm, _, values = _tapped(graph, [*lowers, upper])
+    step = _segment(gm, values, lowers, values[upper], "SSAStep")
+    stop = [values[name] for name in lowers]
+    tail = _tail(graph, graph.units[upper], values[upper])
+    step.narrow = None
+    if tail is not None and tail[0].op != "placeholder":  # a unit reading the images has no producers
+        direct = stop.index(tail[0]) if tail[0] in stop else None
+        step.narrow = NarrowTail(_segment(gm, values, lowers, tail[0], "SSAStepHead"), direct, *tail[1:])
+    return step
+
+
+def _tail(graph: ModelGraph, unit, last: fx.Node):
+    """``(input node, weight, bias, unit, bn)`` when ``unit``'s nodes in the tapped copy (its
+    output ``last`` and, walking up, its BN and conv or linear) are the analysed unit's: one
+    call of the unit's exact ``nn.Linear`` (2-d output) or conv, then at most an exact
+    ``nn.BatchNorm2d`` and the unit's activation, each reading only the one before; else None."""
+    chain = [last]
+    for _ in unit.nodes[1:]:
+        up = chain[0].args[0] if chain[0].args else None
+        if not isinstance(up, fx.Node):
+            return None
+        chain.insert(0, up)
+    first, mods = chain[0], graph.graph_module
+    if (any(len(node.all_input_nodes) != 1 for node in chain) or first.op != "call_module"
+            or first.target != unit.first.target or len(first.args) != 1 or first.kwargs):
+        return None
+    if isinstance(unit, ConvUnit):
+        bn = mods.get_submodule(unit.bn) if unit.bn else None
+        if bn is not None and (chain[1].op != "call_module" or chain[1].target != unit.bn
+                               or type(bn) is not nn.BatchNorm2d):
+            return None
+        return (first.args[0], *unit.params(mods), unit, bn)
+    lin = mods.get_submodule(first.target)
+    if type(lin) is not nn.Linear or len(unit.output_shape) != 2:
+        return None
+    return first.args[0], lin.weight, lin.bias, unit, None
+
+
+class NarrowTail:
+    """An upper unit's own ops for one chosen channel (feature) per upper neuron, and the
+    relevance through them (:meth:`relevance`; the rule and the method are in the module
+    docstring).
+
+    ``head`` is the step's segment up to the unit's input (``forward(images, *lower_outputs)``);
+    ``direct`` is the index of the producer that *is* that input (no op in between), else None;
+    ``weight``/``bias`` are what the unit's conv or linear computes with, ``bn`` its BN.
+    """
+
+    def __init__(self, head: fx.GraphModule, direct: Optional[int], weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], unit, bn: Optional[nn.BatchNorm2d]):
+        self.head, self.direct, self.weight, self.bias, self.bn = head, direct, weight, bias, bn
+        self.act = unit.act_module
+        self.conv = None if not isinstance(unit, ConvUnit) else (
+            unit.stride, unit.padding, unit.dilation, unit.groups, unit.pre_pad)
+
+    @property
+    def usable(self) -> bool:
+        """False while the BN is in training mode (it would use batch statistics)."""
+        return self.bn is None or not self.bn.training
+
+    def relevance(self, images: torch.Tensor, lower_outputs: Sequence[torch.Tensor], neurons: torch.Tensor,
+                  response: str) -> Tuple[torch.Tensor, ...]:
+        """``omega`` per producer, Tensor[s, N, K] each (as :func:`step_relevance`)."""
+        s = len(neurons)
+        if self.direct is not None:
+            x = lower_outputs[self.direct]
+            omega = self._input_grad(x, neurons, response, reduce=True)
+            return tuple(omega if j == self.direct else v.new_zeros(s, len(v), v.shape[1])
+                         for j, v in enumerate(lower_outputs))
+        with torch.enable_grad():
+            leaves = [v.detach().requires_grad_(True) for v in lower_outputs]
+            x = self.head(images, *leaves)
+            grads = torch.autograd.grad(x, leaves, grad_outputs=self._input_grad(x, neurons, response),
+                                        allow_unused=True, is_grads_batched=True)
+        return tuple(v.new_zeros(s, len(v), v.shape[1]) if g is None else _reduce(g) for v, g in zip(leaves, grads))
+
+    def _input_grad(self, x: torch.Tensor, neurons: torch.Tensor, response: str, reduce: bool = False):
+        """``d response_j / d x`` for every neuron ``j``: Tensor[s, N, *x.shape[1:]] (``reduce``:
+        averaged over space, Tensor[s, N, C])."""
+        s, n = len(neurons), len(x)
+        w = self.weight.detach()[neurons]
+        with torch.enable_grad():
+            z = self._pre_act(x.detach(), w, neurons).requires_grad_(True)
+            out = self._post(z, neurons)
+            resp = response_of(out.transpose(0, 1).reshape(s * n, 1, *out.shape[2:]), torch.zeros_like(neurons),
+                               response)
+            (seed,) = torch.autograd.grad(resp.sum(), z)
+        if self.conv is None:
+            return seed.t()[:, :, None] * w[:, None, :]
+        return self._conv_transpose(seed, w, x.shape, neurons, reduce)
+
+    def _group(self, neurons: torch.Tensor) -> torch.Tensor:
+        return neurons // (len(self.weight) // self.conv[3])
+
+    def _pre_act(self, x: torch.Tensor, w: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        """The selected channels before BN and activation, Tensor[N, s, ...] (detached)."""
+        b = None if self.bias is None else self.bias.detach()[neurons]
+        if self.conv is None:
+            return F.linear(x, w, b)
+        stride, padding, dilation, groups, pre_pad = self.conv
+        if groups > 1:  # neuron j reads the input channels of its own group
+            x = x.reshape(len(x), groups, -1, *x.shape[2:])[:, self._group(neurons)].flatten(1, 2)
+            groups = len(neurons)
+        return F.conv2d(F.pad(x, pre_pad) if any(pre_pad) else x, w, b, stride, padding, dilation, groups)
+
+    def _post(self, z: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
+        if self.bn is not None:
+            bn = self.bn
+            z = F.batch_norm(z, bn.running_mean[neurons], bn.running_var[neurons],
+                             None if bn.weight is None else bn.weight.detach()[neurons],
+                             None if bn.bias is None else bn.bias.detach()[neurons], False, 0.0, bn.eps)
+        return z if self.act is None else self.act(z)
+
+    def _conv_transpose(self, seed: torch.Tensor, w: torch.Tensor, in_shape, neurons: torch.Tensor,
+                        reduce: bool) -> torch.Tensor:
+        """Seeds Tensor[N, s, H', W'] -> Tensor[s, N, C_in, H, W]: neuron j's seed through the
+        transpose of its own filter ``w[j]`` (``d conv / d x``), as one batched matmul of the
+        filter taps with the seeds that reach x through each tap (the seeds zero-stuffed for a
+        strided conv, padded, and shifted by the tap). With ``reduce``: Tensor[s, N, C_in], the
+        spatial means, from the sums of the seeds each tap spreads over x (no map of x made)."""
+        stride, padding, dilation, groups, pre_pad = self.conv
+        n, s, ho, wo = seed.shape
+        kh, kw = w.shape[2:]
+        height, width = in_shape[2], in_shape[3]
+        top, left = pre_pad[2] + padding[0], pre_pad[0] + padding[1]
+        g = seed.transpose(0, 1).reshape(s * n, ho, wo)
+        if reduce:  # output q's tap t lands on x at q * stride + t * dilation - top (kept when inside x)
+            def seen(t, pad, st, dil, size, out):
+                return (min(out, max(0, -(-(pad - t * dil) // st))), min(out, max(0, -(-(pad - t * dil + size) // st))))
+
+            sums = []
+            for a in range(kh):
+                r0, r1 = seen(a, top, stride[0], dilation[0], height, ho)
+                rows = g[:, r0:r1].sum(1)
+                for b in range(kw):
+                    c0, c1 = seen(b, left, stride[1], dilation[1], width, wo)
+                    sums.append(rows[:, c0:c1].sum(1))
+            taps = w.reshape(s, 1, w.shape[1], kh * kw)
+            gx = (taps @ torch.stack(sums, 1).view(s, n, kh * kw, 1))[..., 0] / (height * width)
+        else:
+            hp = height + pre_pad[2] + pre_pad[3] + 2 * padding[0]
+            wp = width + pre_pad[0] + pre_pad[1] + 2 * padding[1]
+            if tuple(stride) != (1, 1):
+                stuffed = g.new_zeros(s * n, (ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1)
+                stuffed[:, ::stride[0], ::stride[1]] = g
+                g = stuffed
+            (dh, dw) = dilation
+            # g padded by (k - 1) * dilation before and up to the padded input size after: window
+            # (a, b) at x's position p holds the seed reaching p through tap (k-1-a, k-1-b)
+            g = F.pad(g, ((kw - 1) * dw, wp - g.shape[2], (kh - 1) * dh, hp - g.shape[1]))
+            windows = [g[:, a * dh + top:a * dh + top + height, b * dw + left:b * dw + left + width]
+                       for a in range(kh) for b in range(kw)]  # (F.unfold's im2col: 10-30x slower here)
+            taps = w.flip(2, 3).reshape(s, 1, w.shape[1], kh * kw)
+            gx = (taps @ torch.stack(windows, 1).view(s, n, kh * kw, height * width)).view(s, n, -1, height, width)
+        if groups == 1:
+            return gx
+        full = gx.new_zeros(s, n, groups, *gx.shape[2:])
+        full[torch.arange(s, device=gx.device), :, self._group(neurons)] = gx
+        return full.flatten(2, 3)
 
 
 def response_of(out: torch.Tensor, neurons: torch.Tensor, response: str) -> torch.Tensor:
@@ -156,7 +345,7 @@ def _repeat(t: torch.Tensor, s: int) -> torch.Tensor:
 
 
 def step_relevance(step: fx.GraphModule, images: torch.Tensor, lower_outputs: Dict[str, torch.Tensor],
-                   neurons: Sequence[int], response: str = "mean") -> Dict[str, torch.Tensor]:
+                   neurons: Sequence[int], response: str = "mean", narrow: bool = True) -> Dict[str, torch.Tensor]:
     """The relevance ``omega[n, i, k] = d response_n / d lower_k`` at every image (Eq. 4).
 
     All neurons and images in one backward: the segment runs on ``s`` stacked copies of the
@@ -166,7 +355,9 @@ def step_relevance(step: fx.GraphModule, images: torch.Tensor, lower_outputs: Di
     images, 2 CPU cores) this took 0.22-0.95 s where one-hot seeds with ``is_grads_batched=True``
     (vmap over the backward) took 1.1-2.0 s and one backward per neuron 0.38-0.75 s (faster on
     one step, slower on two). ``s`` is bounded so that the copies stay under
-    :data:`GRAD_BUDGET_BYTES` (several backwards otherwise).
+    :data:`GRAD_BUDGET_BYTES` (several backwards otherwise). Where the step has a
+    :class:`NarrowTail` (``step.narrow``) copy ``j`` computes only channel ``neurons[j]`` of
+    the upper unit (the module docstring's rule), forward and backward.
 
     Args:
         step (fx.GraphModule): from :func:`step_graph` (its ``lowers`` in this dict's order).
@@ -175,6 +366,8 @@ def step_relevance(step: fx.GraphModule, images: torch.Tensor, lower_outputs: Di
             (:func:`prefix_graph`).
         neurons (sequence of int): upper neurons, m of them.
         response (str): see :func:`response_of`.
+        narrow (bool): use ``step.narrow`` where there is one (False: every copy computes
+            every channel of the upper unit; the same relevance up to rounding).
 
     Returns:
         dict lower -> Tensor[m, N, K] (K channels or features of the lower unit; conv gradients
@@ -182,6 +375,8 @@ def step_relevance(step: fx.GraphModule, images: torch.Tensor, lower_outputs: Di
     """
     idx = torch.as_tensor(list(neurons), dtype=torch.long, device=images.device)
     names, values = list(lower_outputs), list(lower_outputs.values())
+    tail = getattr(step, "narrow", None) if narrow else None
+    tail = tail if tail is not None and tail.usable else None
     n = len(images)
     per_copy = (sum(v.numel() for v in values) + images.numel()) * images.element_size() * _SEGMENT_FACTOR
     chunk = max(1, min(len(idx), GRAD_BUDGET_BYTES // max(1, per_copy)))
@@ -189,9 +384,11 @@ def step_relevance(step: fx.GraphModule, images: torch.Tensor, lower_outputs: Di
     with torch.enable_grad():
         for start in range(0, len(idx), chunk):
             sel = idx[start:start + chunk]
+            if tail is not None:
+                parts.append(tail.relevance(images, values, sel, response))
+                continue
             copies = [_repeat(v, len(sel)).requires_grad_(True) for v in values]
-            out = step(_repeat(images, len(sel)), *copies)
-            grads = torch.autograd.grad(response_of(out, sel, response).sum(), copies, allow_unused=True,
-                                        materialize_grads=True)
+            resp = response_of(step(_repeat(images, len(sel)), *copies), sel, response)
+            grads = torch.autograd.grad(resp.sum(), copies, allow_unused=True, materialize_grads=True)
             parts.append(tuple(_reduce(g.reshape(len(sel), n, *g.shape[1:])) for g in grads))
     return {name: torch.cat([p[j] for p in parts]) for j, name in enumerate(names)}

@@ -1,0 +1,254 @@
+"""The narrowed step (each upper neuron computes only its own channel, nchains.ssa.step.NarrowTail)
+against the full computation (``narrow=False``: every stacked copy runs the whole unit through
+autograd) in float64, on every step of several nets (residual, pooling, concat, grouped and
+depthwise convs, strides, dilation, asymmetric "same" padding, convs with bias and without BN,
+hidden linears, the shipped model); the fallback for a tail it does not handle against plain
+per-(neuron, image) autograd; and whole SSA graphs identical with and without narrowing."""
+
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nchains
+from nchains.models import zoo
+from nchains.ssa import analysis, step as ssa_step
+from nchains.ssa.step import prefix_graph, step_graph, step_relevance
+from _models import digits_region, trained_digits_net
+from test_analysis import UserCNN
+from test_steps import CatNet, PoolNet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class MyBN(nn.BatchNorm2d):
+    """A BatchNorm2d subclass (forward inherited): a unit tail the narrowed step does not take."""
+
+
+class OddNet(nn.Module):
+    """Convs with bias and no BN, stride 2 on an odd size, dilation, even kernel with "same"
+    (asymmetric pre-pad), 5x5 valid, 3x1, an elementwise op between a conv and its ReLU,
+    a BN subclass, a hidden Linear with SiLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, stride=2, padding=1)  # 9x9 -> 5x5
+        self.c3 = nn.Conv2d(8, 8, 3, padding=2, dilation=2, bias=False)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.c4 = nn.Conv2d(8, 6, 4, padding="same")  # even kernel: pre-pad (1, 2, 1, 2)
+        self.c5 = nn.Conv2d(6, 10, 5)  # 5x5 -> 1x1
+        self.c6 = nn.Conv2d(8, 4, (3, 1), padding=(1, 0))
+        self.bn6 = MyBN(4)
+        self.hidden, self.head = nn.Linear(10 + 4, 12), nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = torch.tanh(self.c2(x))
+        y = F.relu(self.bn3(self.c3(x)) * 2.0)  # the mul ends c3's unit before its ReLU
+        z = F.relu(self.c4(y))
+        a = F.relu(self.c5(z)).flatten(1)
+        b = F.adaptive_avg_pool2d(F.relu(self.bn6(self.c6(y))), 1).flatten(1)
+        return self.head(F.silu(self.hidden(torch.cat([a, b], 1))))
+
+
+def _randomise_bn(net, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
+    return net
+
+
+def _digits():
+    return copy.deepcopy(trained_digits_net()).double(), digits_region(classes=(3,), per_class=6)[0].double()
+
+
+def _shipped():
+    images, _, _ = zoo.default_images(["sneaker"], per_class=4, confident=None)
+    return zoo.default_model().double(), images.double()
+
+
+def _seeded(cls, shape, *args):
+    torch.manual_seed(0)
+    net = _randomise_bn(cls(*args)).eval().double()
+    return net, torch.randn(*shape, dtype=torch.float64)
+
+
+NETS = {
+    "digits": _digits,
+    "pool": lambda: _seeded(PoolNet, (5, 1, 8, 8)),
+    "concat": lambda: _seeded(CatNet, (5, 1, 6, 6)),
+    "user_cnn": lambda: _seeded(UserCNN, (3, 3, 32, 32)),
+    "odd": lambda: _seeded(OddNet, (5, 2, 9, 9)),
+    "shipped": _shipped,
+}
+#: the steps that keep the full computation (their tail is not a plain conv/BN/act)
+FALLBACK = {"odd": {"c6"}}
+
+
+@functools.lru_cache(maxsize=None)
+def _net(name):
+    net, x = NETS[name]()
+    return net, x, nchains.analyze(net, x[:1])
+
+
+def _neurons(graph, name):
+    unit = graph.units[name]
+    width = getattr(unit, "out_channels", None) or unit.out_features
+    return sorted({0, width - 1, width // 3, (2 * width) // 3, 1 % width})
+
+
+def _steps(name):
+    _, _, graph = _net(name)
+    return [u for u in graph.dag.order if graph.dag.producers(u)]
+
+
+@pytest.mark.parametrize("name", list(NETS))
+@pytest.mark.parametrize("response", ["mean", "max"])
+def test_narrow_equals_full(name, response):
+    """Every step of the net: the narrowed relevance is the full one (float64 rounding)."""
+    net, x, graph = _net(name)
+    seen = set()
+    for upper in _steps(name):
+        lowers = graph.dag.producers(upper)
+        step = step_graph(graph, upper, lowers)
+        assert (step.narrow is None) == (upper in FALLBACK.get(name, ())), upper
+        seen.add(upper)
+        with torch.no_grad():
+            values = prefix_graph(graph, lowers)(x)
+        neurons = _neurons(graph, upper)
+        want = step_relevance(step, x, values, neurons, response, narrow=False)
+        got = step_relevance(step, x, values, neurons, response)
+        for lo in lowers:
+            assert got[lo].shape == want[lo].shape and got[lo].dtype == torch.float64
+            assert not got[lo].requires_grad
+            torch.testing.assert_close(got[lo], want[lo], rtol=1e-9, atol=1e-12, msg=f"{upper} <- {lo}")
+        assert any(want[lo].abs().max() > 0 for lo in lowers), f"{upper}: a vacuous comparison"
+    assert seen
+
+
+def test_narrow_in_float32_and_several_chunks(monkeypatch):
+    """float32 (the shipped model as is) within rounding, and the neuron chunks of a small
+    gradient budget give the same relevance as one chunk."""
+    images, _, _ = zoo.default_images(["bag"], per_class=5, confident=None)
+    net = zoo.default_model()
+    graph = nchains.analyze(net, images[:1])
+    for upper in ("layer2.0.conv1", "layer3.0.downsample.0", "layer4.1.conv2", "fc"):
+        lowers = graph.dag.producers(upper)
+        step = step_graph(graph, upper, lowers)
+        with torch.no_grad():
+            values = prefix_graph(graph, lowers)(images)
+        neurons = _neurons(graph, upper)
+        want = step_relevance(step, images, values, neurons, narrow=False)
+        got = step_relevance(step, images, values, neurons)
+        monkeypatch.setattr(ssa_step, "GRAD_BUDGET_BYTES", 1)
+        chunked = step_relevance(step, images, values, neurons)
+        monkeypatch.undo()
+        for lo in lowers:
+            scale = float(want[lo].abs().max())
+            torch.testing.assert_close(got[lo], want[lo], rtol=1e-4, atol=1e-5 * scale)
+            torch.testing.assert_close(chunked[lo], got[lo], rtol=1e-5, atol=1e-6 * scale)
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+def test_fallback_tail_is_plain_autograd():
+    """OddNet's c6 (a BatchNorm2d subclass after the conv) keeps the full computation; it is
+    the per-(neuron, image) autograd of the hand-written forward, and so is the narrowed c4
+    (asymmetric "same" padding) and c3 (dilated, its unit ends before the mul; its producer's
+    ends before the tanh)."""
+    net, x, graph = _net("odd")
+    with torch.no_grad():
+        c1 = F.relu(net.c1(x))
+        c2 = net.c2(c1)  # tanh is no unit activation: c2's unit ends at the conv
+        c3 = net.bn3(net.c3(torch.tanh(c2)))
+        y = F.relu(c3 * 2.0)
+    hand = {
+        "c6": ("c3", c3, lambda v: F.relu(net.bn6(net.c6(F.relu(v * 2.0)))).mean((2, 3))),
+        "c4": ("c3", c3, lambda v: F.relu(net.c4(F.relu(v * 2.0))).mean((2, 3))),
+        "c3": ("c2", c2, lambda v: net.bn3(net.c3(torch.tanh(v))).mean((2, 3))),
+    }
+    for upper, (lower, value, fn) in hand.items():
+        assert graph.dag.producers(upper) == (lower,)
+        step = step_graph(graph, upper, [lower])
+        assert (step.narrow is None) == (upper == "c6")
+        neurons = _neurons(graph, upper)
+        got = step_relevance(step, x, {lower: value}, neurons)[lower]
+        for i in range(len(x)):
+            leaf = _leaf(value[i:i + 1])
+            resp = fn(leaf)
+            for j, n in enumerate(neurons):
+                (g,) = torch.autograd.grad(resp[0, n], leaf, retain_graph=True)
+                torch.testing.assert_close(got[j, i], g[0].mean((1, 2)), rtol=1e-9, atol=1e-12)
+    assert y.shape == (5, 8, 5, 5)
+
+
+def test_bn_in_training_mode_takes_the_full_path():
+    """A BN switched to training mode after the step is built is computed as the module does
+    (batch statistics), never with the running ones the narrowed tail reads."""
+    net, x, graph = _net("digits")
+    upper = "layer1.1.conv2"
+    lowers = graph.dag.producers(upper)
+    step = step_graph(graph, upper, lowers)
+    with torch.no_grad():
+        values = prefix_graph(graph, lowers)(x)
+    evaluated = step_relevance(step, x, values, [0, 5])
+    bn = net.layer1[1].bn2
+    bn.train()
+    try:
+        assert not step.narrow.usable
+        saved = (bn.running_mean.clone(), bn.running_var.clone())
+        got = step_relevance(step, x, values, [0, 5])
+        want = step_relevance(step, x, values, [0, 5], narrow=False)
+    finally:
+        bn.eval()
+        bn.running_mean.copy_(saved[0])
+        bn.running_var.copy_(saved[1])
+    for lo in lowers:
+        torch.testing.assert_close(got[lo], want[lo], rtol=0, atol=0)
+        assert not torch.allclose(got[lo], evaluated[lo])
+
+
+def _ssa_both(monkeypatch, model, per_class_images, graph, branching=3):
+    full = functools.partial(step_relevance, narrow=False)
+    out = []
+    for fn in (step_relevance, full):
+        monkeypatch.setattr(analysis, "step_relevance", fn)
+        out.append([nchains.ssa(model, x, target=t, graph=graph, branching=branching) for t, x in per_class_images])
+    monkeypatch.undo()
+    return out
+
+
+def _assert_same(new, old):
+    for a, b in zip(new, old):
+        assert a.nodes == b.nodes and a.edges == b.edges
+        assert a.relevance.keys() == b.relevance.keys()
+        for key, r in b.relevance.items():
+            assert a.relevance[key] == pytest.approx(r, rel=1e-4, abs=1e-7)
+
+
+def test_whole_ssa_unchanged_digits(monkeypatch):
+    net = trained_digits_net()
+    per_class = [(t, digits_region(classes=(t,), per_class=10)[0]) for t in (2, 7)]
+    graph = nchains.analyze(net, per_class[0][1][:1])
+    new, old = _ssa_both(monkeypatch, net, per_class, graph, branching=2)
+    _assert_same(new, old)
+    assert all(len(g.edges) > 5 for g in new)
+
+
+def test_whole_ssa_unchanged_shipped(monkeypatch):
+    net, names = zoo.default_model(), zoo.default_class_names()
+    per_class = [(t, zoo.default_images([names[t]], per_class=10, confident=None)[0]) for t in (0, 9)]
+    graph = nchains.analyze(net, per_class[0][1][:1])
+    new, old = _ssa_both(monkeypatch, net, per_class, graph)
+    _assert_same(new, old)
+    assert all(len(g.nodes) > 20 for g in new)
