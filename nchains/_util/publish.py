@@ -93,14 +93,15 @@ def clean_leftovers(out: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def check_destination(out: str, problem: Problem, arg: str = "out_dir") -> None:
-    """Refuses a destination that is not a folder, or one ``problem`` says must not be replaced.
+def check_destination(out: str, problem: Problem, arg: str = "out_dir", kind: str = "export") -> None:
+    """Refuses a destination that is not a folder, or one ``problem`` says must not be replaced
+    (``kind`` names what an earlier output is in the message: ``"export"``, ``"ssa output"``).
 
     Raises:
         ValueError: naming ``arg``, ``out`` and why.
     """
     if os.path.lexists(out) and not os.path.isdir(out):
-        raise ValueError(f"{arg} {out!r} exists and is not a directory; give a folder (new or an earlier export)")
+        raise ValueError(f"{arg} {out!r} exists and is not a directory; give a folder (new or an earlier {kind})")
     real, cwd = os.path.realpath(out), os.path.realpath(os.getcwd())
     if os.path.dirname(real) == real or os.path.commonpath([real, cwd]) == real:
         # replacing it would delete the folder this process (and the user's shell) works in
@@ -108,18 +109,18 @@ def check_destination(out: str, problem: Problem, arg: str = "out_dir") -> None:
     if os.path.isdir(out):
         why = problem(out)
         if why is not None:
-            raise ValueError(f"{arg} {out!r} is a non-empty folder that is not an nchains export ({why}); "
+            raise ValueError(f"{arg} {out!r} is a non-empty folder that is not an nchains {kind} ({why}); "
                              "refusing to replace it: give a new or empty folder")
 
 
-def check_writable(out, problem: Problem, arg: str = "out_dir") -> None:
+def check_writable(out, problem: Problem, arg: str = "out_dir", kind: str = "export") -> None:
     """What :class:`StagedFolder` checks on entering (``out`` replaceable, a staging folder can be
     made beside it), leaving nothing behind: for callers that want to fail before long work.
 
     Raises:
         ValueError: naming ``arg``, ``out`` and why.
     """
-    with StagedFolder(out, problem, arg=arg):
+    with StagedFolder(out, problem, arg=arg, kind=kind):
         pass
 
 
@@ -135,6 +136,7 @@ class StagedFolder:
         problem (callable): ``problem(folder) -> None or str``; an existing non-empty ``out`` is
             replaced only when it returns None.
         arg (str): how messages name ``out`` (``--out`` in the CLI).
+        kind (str): what an earlier output is called in messages (:func:`check_destination`).
 
     Example:
         >>> with StagedFolder("out", problem) as s:
@@ -142,15 +144,15 @@ class StagedFolder:
         ...     s.publish()
     """
 
-    def __init__(self, out, problem: Problem, arg: str = "out_dir"):
+    def __init__(self, out, problem: Problem, arg: str = "out_dir", kind: str = "export"):
         self.requested = os.fspath(out)
-        self.problem, self.arg = problem, arg
+        self.problem, self.arg, self.kind = problem, arg, kind
         self.out, self.parent, self.name = _split(self.requested)
         self.path: Optional[str] = None
         self._made: List[str] = []
 
     def __enter__(self) -> "StagedFolder":
-        check_destination(self.requested, self.problem, self.arg)
+        check_destination(self.requested, self.problem, self.arg, self.kind)
         clean_leftovers(self.out)
         self._make_parents()
         try:
@@ -194,7 +196,7 @@ class StagedFolder:
     def publish(self) -> None:
         """Puts the set in place of ``out`` atomically and deletes the previous one."""
         fsync_dir(self.path)
-        check_destination(self.requested, self.problem, self.arg)  # ``out`` may have changed during the work
+        check_destination(self.requested, self.problem, self.arg, self.kind)  # ``out`` may have changed during the work
         pause_for_test("before-publish")
         staging, self.path = self.path, None
         if not os.path.lexists(self.out):

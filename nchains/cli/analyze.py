@@ -210,7 +210,7 @@ def cmd_analyze(args) -> int:
     parsed = _check_args(args)
     if args.out is not None:
         check_output_dir(args.out)
-        check_writable(args.out, _replace_problem, "--out")
+        check_writable(args.out, _replace_problem, "--out", kind="analyze output")
 
     def warn(text):
         if not args.quiet:
@@ -227,7 +227,7 @@ def cmd_analyze(args) -> int:
         print(json.dumps(results, indent=1, allow_nan=False))
         return 0
     pngs = {f"{name}.png": png_bytes(fig) for name, fig in figures(results).items()}
-    with StagedFolder(args.out, _replace_problem, "--out") as staged:
+    with StagedFolder(args.out, _replace_problem, "--out", kind="analyze output") as staged:
         index = {**results, "files": list(pngs)}
         staged.write(_FILES, (json.dumps(index, indent=1, allow_nan=False) + "\n").encode())
         for name, data in pngs.items():

@@ -106,7 +106,7 @@ def _check_args(args):
     settings = Settings(steps=args.steps, greedy_step=args.greedy_step, greedy_continue=args.greedy_continue,
                         dgr_steps=args.dgr_steps, dgr_lam=args.dgr_lam, dgr_lr=args.dgr_lr, batch=args.batch,
                         seed=args.seed)
-    check_writable(args.out, out_problem, "--out")
+    check_writable(args.out, out_problem, "--out", kind="evaluate-paths output")
     return methods, sparsities, settings, sanity
 
 
@@ -155,7 +155,7 @@ def cmd_evaluate_paths(args) -> int:
     if chatty:
         print(f"evaluating {', '.join(methods)} at sparsity {', '.join(f'{s:g}' for s in sparsities)} on "
               f"{inputs.what}", file=sys.stderr)
-    with StagedFolder(args.out, out_problem, arg="--out") as staging:
+    with StagedFolder(args.out, out_problem, arg="--out", kind="evaluate-paths output") as staging:
         files: List[str] = []
 
         def on_path(method, i, s, path):

@@ -101,7 +101,7 @@ def _check_args(args) -> Tuple[List[float], Any]:
                          "pip install 'nchains[plots]' (or matplotlib)")
     from nchains._util.publish import check_writable
 
-    check_writable(args.out, out_problem, "--out")
+    check_writable(args.out, out_problem, "--out", kind="paths output")
     return sparsities, target
 
 
@@ -157,7 +157,7 @@ def cmd_paths(args) -> int:
             print(f"nchains: warning: {text}", file=sys.stderr)
 
     model, image, source, names = _one_image(args, warn)
-    with StagedFolder(args.out, out_problem, arg="--out") as staging:
+    with StagedFolder(args.out, out_problem, arg="--out", kind="paths output") as staging:
         paths = critical_paths(model, image, sparsities, method=args.method, target=target, steps=args.steps,
                                progress=chatty)
         label = names[paths[0].target] if names is not None else str(paths[0].target)

@@ -71,7 +71,7 @@ def cmd_report(args) -> int:
 
     _check_args(args)
     check_output_dir(args.out)
-    check_writable(args.out, replace_problem, "--out")
+    check_writable(args.out, replace_problem, "--out", kind="report")
     warn = (lambda text: None) if args.quiet else (lambda text: print(f"nchains: warning: {text}", file=sys.stderr))
     chain, _, model, images = _inputs(args, warn)  # as `nchains export` and `nchains analyze` find them
     log = None if args.quiet else (lambda text: print(f"report: {text}", file=sys.stderr))

@@ -176,7 +176,7 @@ def cmd_ssa(args) -> int:
     from nchains.ssa import ssa, ssa_clusters
 
     _check_args(args)
-    check_writable(args.out, _replace_problem, arg="--out")
+    check_writable(args.out, _replace_problem, arg="--out", kind="ssa output")
     chatty = not (args.quiet or args.json)
 
     def warn(text: str) -> None:
@@ -197,7 +197,7 @@ def cmd_ssa(args) -> int:
     clusters = ssa_clusters(graphs, weighting=args.weighting) if len(graphs) >= 2 else None
     meta = {"model": inputs.spec, "images": inputs.source, "branching": args.branching, "response": args.response,
             "weighting": args.weighting, "seconds": round(time.perf_counter() - start, 1)}
-    with StagedFolder(args.out, _replace_problem, arg="--out") as stage:
+    with StagedFolder(args.out, _replace_problem, arg="--out", kind="ssa output") as stage:
         summary = _write(stage, graphs, clusters, meta, args.engine)
         stage.publish()
     if args.json:

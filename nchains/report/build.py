@@ -104,7 +104,7 @@ def _publish(out_dir, html: str, results: Optional[Dict[str, Any]]) -> None:
     if results is not None:
         files["analyses.json"] = (json.dumps(results, indent=1) + "\n").encode("utf-8")
     manifest = {"format": REPORT_FORMAT, "version": 1, "files": list(files)}
-    with StagedFolder(out_dir, replace_problem) as staged:
+    with StagedFolder(out_dir, replace_problem, kind="report") as staged:
         for name, data in files.items():
             staged.write(name, data)
         staged.write(MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode("utf-8"))
@@ -181,7 +181,7 @@ def report(chain, model: Optional[nn.Module] = None, out_dir=None, *, images: Op
     from nchains.graph.analysis import graph_for
 
     _check_options(out_dir, actmax_steps, top_k, edges_per_filter, max_images, analyses)
-    check_writable(out_dir, replace_problem)
+    check_writable(out_dir, replace_problem, kind="report")
     chain, model = _chain_and_model(chain, model)
     images = _chain_images(chain) if images is None else images
     images = check_images(images, chain.input_shape)

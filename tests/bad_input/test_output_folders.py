@@ -141,6 +141,8 @@ def _refused_naming(refused, command, chains, out: Path, foreign: str, why: str)
 
 
 INDEX = {"ssa": "summary.json", "analyze": "results.json", "report": "report.json"}
+#: How the refusal names an earlier output of each command.
+KIND = {"ssa": "ssa output", "analyze": "analyze output", "report": "report"}
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -148,7 +150,8 @@ def test_a_foreign_file_alone_is_refused(refused, chains, tmp_path, command):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    _refused_naming(refused, command, chains, out, "notes.txt", f"no nchains {INDEX[command]} in it")
+    r = _refused_naming(refused, command, chains, out, "notes.txt", f"no nchains {INDEX[command]} in it")
+    assert f"is a non-empty folder that is not an nchains {KIND[command]} (" in r.lines[0], r.lines[0]
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
 
 
