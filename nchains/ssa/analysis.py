@@ -13,7 +13,9 @@ layer) end the walk.
 Cost: one forward of the model per chunk of images (without autograd; every unit's output is
 kept when all fit in :data:`CACHE_BYTES`, else recomputed up to the producers at each step),
 then per visited unit and chunk the segment from its producers to ``U`` and one batched VJP
-for all of ``S_U``. Step graphs are built once per analysis and reused for every class.
+for all of ``S_U`` (each neuron computing only its own channel of ``U`` where ``U`` is a plain
+conv/linear, BN, activation: :mod:`nchains.ssa.step`). Step graphs are built once per analysis
+and reused for every class.
 """
 
 from __future__ import annotations

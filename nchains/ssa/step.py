@@ -49,7 +49,17 @@ backward (``is_grads_batched``). Anything else -- another op or module in ``U``'
 ``BatchNorm2d`` subclass, a BN in training mode when the step runs, a unit reading the images,
 ``narrow=False`` -- takes the full computation above (every stacked copy computes every
 channel of ``U``). Both give the same relevance up to rounding (tests/ssa/test_narrow_step.py,
-in float64 to 1e-9). NARROW_NUMBERS
+in float64 to 1e-9).
+
+Measured on eight steps of the shipped model (50 images, 10-24 neurons each, median of 3,
+:file:`tools/bench_ssa.py`'s model; other jobs were loading the 2 cores): on 1 thread the
+eight took 0.27 s narrowed, 1.54 s full (2-8x per step through a head, 18-23x where ``U`` reads
+a producer directly) and 1.53 s with ``U``'s conv as one grouped conv over the stacked copies
+(``groups = s``, the selected filters, autograd through it: oneDNN's grouped conv with one
+output channel per group was no faster than the full conv here, so that design was dropped);
+on 2 threads under that load 1.77 s, 2.75 s and 2.40 s. The head's batched backward took
+1.49 s for the relevance of a whole run (2 classes x 20 images, 2 threads) where the head on
+stacked copies (one backward, as the full computation) took 2.30 s and the full one 4.03 s.
 """
 
 from __future__ import annotations
@@ -144,8 +154,8 @@ def step_graph(graph: ModelGraph, upper: str, lowers: Sequence[str]) -> fx.Graph
         without passing a unit. Any path through another unit is cut: it reaches ``upper``
         only through one of ``lowers`` (the DAG's rule), whose output is an input here. Its
         attribute ``narrow`` is a :class:`NarrowTail` where ``upper``'s own ops are the
-        narrowable tail of the module docstring (:func:`step_relevance` then computes one
-        channel per stacked copy), else None.
+        narrowable tail of the module docstring (:func:`step_relevance` then computes only
+        each neuron's own channel of ``upper``), else None.
     """
     lowers = list(lowers)
     gm, _, values = _tapped(graph, [*lowers, upper])
@@ -274,16 +284,13 @@ class NarrowTail:
         height, width = in_shape[2], in_shape[3]
         top, left = pre_pad[2] + padding[0], pre_pad[0] + padding[1]
         g = seed.transpose(0, 1).reshape(s * n, ho, wo)
-        if reduce:  # output q's tap t lands on x at q * stride + t * dilation - top (kept when inside x)
-            def seen(t, pad, st, dil, size, out):
-                return (min(out, max(0, -(-(pad - t * dil) // st))), min(out, max(0, -(-(pad - t * dil + size) // st))))
-
+        if reduce:
             sums = []
             for a in range(kh):
-                r0, r1 = seen(a, top, stride[0], dilation[0], height, ho)
+                r0, r1 = _reached(a, top, stride[0], dilation[0], height, ho)
                 rows = g[:, r0:r1].sum(1)
                 for b in range(kw):
-                    c0, c1 = seen(b, left, stride[1], dilation[1], width, wo)
+                    c0, c1 = _reached(b, left, stride[1], dilation[1], width, wo)
                     sums.append(rows[:, c0:c1].sum(1))
             taps = w.reshape(s, 1, w.shape[1], kh * kw)
             gx = (taps @ torch.stack(sums, 1).view(s, n, kh * kw, 1))[..., 0] / (height * width)
@@ -307,6 +314,15 @@ class NarrowTail:
         full = gx.new_zeros(s, n, groups, *gx.shape[2:])
         full[torch.arange(s, device=gx.device), :, self._group(neurons)] = gx
         return full.flatten(2, 3)
+
+
+def _reached(tap: int, offset: int, stride: int, dilation: int, size: int, out: int) -> Tuple[int, int]:
+    """Along one axis: the output positions ``[q0, q1)`` whose tap ``tap`` reads inside x
+    (output ``q`` reads x at ``q * stride + tap * dilation - offset``, ``offset`` being the
+    zero padding before x, ``size`` x's length, ``out`` the output's)."""
+    first = -(-(offset - tap * dilation) // stride)  # ceil division
+    last = -(-(offset - tap * dilation + size) // stride)
+    return min(out, max(0, first)), min(out, max(0, last))
 
 
 def response_of(out: torch.Tensor, neurons: torch.Tensor, response: str) -> torch.Tensor:
@@ -348,16 +364,17 @@ def step_relevance(step: fx.GraphModule, images: torch.Tensor, lower_outputs: Di
                    neurons: Sequence[int], response: str = "mean", narrow: bool = True) -> Dict[str, torch.Tensor]:
     """The relevance ``omega[n, i, k] = d response_n / d lower_k`` at every image (Eq. 4).
 
-    All neurons and images in one backward: the segment runs on ``s`` stacked copies of the
-    batch, copy ``j`` answering for neuron ``j`` (its response is summed over the images:
-    images and copies do not interact in an eval-mode CNN), so one ``torch.autograd.grad``
-    gives every ``(neuron, image)`` gradient. Measured on three steps of the shipped model (50
-    images, 2 CPU cores) this took 0.22-0.95 s where one-hot seeds with ``is_grads_batched=True``
-    (vmap over the backward) took 1.1-2.0 s and one backward per neuron 0.38-0.75 s (faster on
-    one step, slower on two). ``s`` is bounded so that the copies stay under
-    :data:`GRAD_BUDGET_BYTES` (several backwards otherwise). Where the step has a
-    :class:`NarrowTail` (``step.narrow``) copy ``j`` computes only channel ``neurons[j]`` of
-    the upper unit (the module docstring's rule), forward and backward.
+    Full computation: all neurons and images in one backward: the segment runs on ``s``
+    stacked copies of the batch, copy ``j`` answering for neuron ``j`` (its response is summed
+    over the images: images and copies do not interact in an eval-mode CNN), so one
+    ``torch.autograd.grad`` gives every ``(neuron, image)`` gradient. Measured on three steps of
+    the shipped model (50 images, 2 CPU cores) this took 0.22-0.95 s where one-hot seeds with
+    ``is_grads_batched=True`` (vmap over the backward of the whole segment, every channel of
+    the upper unit) took 1.1-2.0 s and one backward per neuron 0.38-0.75 s (faster on one step,
+    slower on two). Where the step has a :class:`NarrowTail` (``step.narrow``, the module
+    docstring's rule) neuron ``j`` computes only channel ``neurons[j]`` of the upper unit,
+    forward and backward, and only the head's backward is batched. ``s`` is bounded so that
+    the copies stay under :data:`GRAD_BUDGET_BYTES` (several backwards otherwise).
 
     Args:
         step (fx.GraphModule): from :func:`step_graph` (its ``lowers`` in this dict's order).
