@@ -239,7 +239,8 @@ def morf(model: nn.Module, images: torch.Tensor, attributions: torch.Tensor,
 
 def plot_degradation(results: Mapping[str, Mapping[str, Any]], quantity: str = "change",
                      path: Optional[PathLike] = None):
-    """Mean degradation curves of several attribution methods (Fig. 6a-c), AUCs in the legend.
+    """Mean degradation curves of several attribution methods (Fig. 6a-c), AUCs in the legend
+    (beside the axes, lowest AUC first; a colour per method, up to 20 distinct).
 
     Args:
         results (mapping name -> dict of :func:`lerf` / :func:`morf`).
@@ -255,16 +256,23 @@ def plot_degradation(results: Mapping[str, Mapping[str, Any]], quantity: str = "
         raise ValueError(f"quantity must be 'change', 'logit' or 'probability', got {quantity!r}")
     if not isinstance(results, Mapping) or not results:
         raise ValueError("results must be a non-empty mapping name -> lerf/morf result")
-    fig, ax = new_figure(1)
+    import matplotlib
+
+    # lowest AUC first, each method its own colour (tab20 beyond ten), the legend beside the axes
+    ranked = sorted(results.items(), key=lambda kv: kv[1][quantity]["auc"])
+    colours = matplotlib.colormaps["tab10" if len(ranked) <= 10 else "tab20"].colors
+    fig, ax = new_figure(1, width=8.0)
     orders = set()
-    for name, r in results.items():
+    for i, (name, r) in enumerate(ranked):
         c = r[quantity]
-        ax.plot(r["fractions"], c["mean"], "o-", ms=3, label=f"{name} (AUC {c['auc']:.3g})")
+        ax.plot(r["fractions"], c["mean"], "o-", ms=3, color=colours[i % len(colours)],
+                label=f"{name} (AUC {c['auc']:.3g})")
         orders.add(f"{ {'lerf': 'LeRF', 'morf': 'MoRF'}.get(r['order'], r['order'])}, fill {r['fill']}")
     ylabel = {"change": "|Φ(x̃) − Φ(x)| / |Φ(x)|", "logit": "target logit Φ(x̃)",
               "probability": "target probability"}[quantity]
     ax.set_xlabel("fraction of pixels removed")
     ax.set_ylabel(ylabel)
     ax.set_title(f"Input degradation ({'; '.join(sorted(orders))})", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="lowest AUC first",
+              title_fontsize=8)
     return save_png(fig, path)

@@ -57,6 +57,29 @@ def test_degradation(tmp_path):
         plot_degradation(results, "auc")
 
 
+def test_degradation_legend_of_many_methods(tmp_path):
+    """14 methods (an evaluate-paths run): 14 distinct colours, legend by AUC, beside the axes."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    results = {f"m{i}": lerf(net, x, torch.randn(2, 1, 4, 4, generator=gen), fractions=[0, 0.25, 0.5, 1])
+               for i in range(14)}
+    fig = plot_degradation(results, path=tmp_path / "lerf.png")
+    check_png(tmp_path / "lerf.png")
+    ax = fig.axes[0]
+    colours = {tuple(line.get_color()) if not isinstance(line.get_color(), str) else line.get_color()
+               for line in ax.get_lines()}
+    assert len(ax.get_lines()) == 14 and len(colours) == 14
+    legend = ax.get_legend()
+    aucs = [float(t.get_text().rsplit("AUC ", 1)[1].rstrip(")")) for t in legend.get_texts()]
+    assert aucs == sorted(aucs) and len(aucs) == 14
+    expected = sorted(results, key=lambda n: results[n]["change"]["auc"])
+    assert [t.get_text().split(" (")[0] for t in legend.get_texts()] == expected
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    assert legend.get_window_extent(renderer).x0 >= ax.get_window_extent(renderer).x1  # covers no curve
+
+
 def test_sanity(tmp_path):
     r = {"layers": ["fc", "conv2", "conv1"], "spearman": [0.9, 0.4, None], "spearman_abs": [0.8, 0.5, 0.1],
          "ssim": [0.7, 0.2, 0.0]}
