@@ -55,6 +55,31 @@ class OddNet(nn.Module):
         return self.head(F.silu(self.hidden(torch.cat([a, b], 1))))
 
 
+class AddNet(nn.Module):
+    """Heads of residual adds and ReLUs (the masked path): an add without a ReLU, a tree of
+    ReLU-adds over three producers, and a broadcasting add of a 1x1 map (sent on to the
+    batched backward by the shape check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(2, 6, 3, padding=1)
+        self.c = nn.Conv2d(2, 6, 5)  # 5x5 -> 1x1
+        self.d = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(6)
+        self.e = nn.Conv2d(6, 5, 3, stride=2, padding=1)
+        self.f = nn.Conv2d(6, 3, 1)
+        self.fc = nn.Linear(6 + 5 + 3, 2)
+
+    def forward(self, x):
+        a, b, c = self.a(x), self.b(x), self.c(x)
+        s = a + b
+        d = F.relu(self.bn(self.d(s)))
+        e = F.relu(self.e(F.relu(d + F.relu(s))))
+        f = F.relu(self.f(F.relu(a + c)))
+        pooled = [F.adaptive_avg_pool2d(t, 1).flatten(1) for t in (d, e, f)]
+        return self.fc(torch.cat(pooled, 1))
+
+
 def _randomise_bn(net, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
@@ -87,6 +112,7 @@ NETS = {
     "concat": lambda: _seeded(CatNet, (5, 1, 6, 6)),
     "user_cnn": lambda: _seeded(UserCNN, (3, 3, 32, 32)),
     "odd": lambda: _seeded(OddNet, (5, 2, 9, 9)),
+    "adds": lambda: _seeded(AddNet, (6, 2, 5, 5)),
     "shipped": _shipped,
 }
 #: the steps that keep the full computation (their tail is not a plain conv/BN/act)
@@ -132,6 +158,27 @@ def test_narrow_equals_full(name, response):
             torch.testing.assert_close(got[lo], want[lo], rtol=1e-9, atol=1e-12, msg=f"{upper} <- {lo}")
         assert any(want[lo].abs().max() > 0 for lo in lowers), f"{upper}: a vacuous comparison"
     assert seen
+
+
+def test_which_narrowed_path():
+    """Producer read directly, a head of adds and ReLUs (masks per producer), anything else
+    (the batched backward): the paths the equality test above goes through."""
+    _, x, graph = _net("adds")
+    steps = {u: step_graph(graph, u, graph.dag.producers(u)).narrow for u in ("d", "e", "f", "fc")}
+    assert graph.dag.producers("e") == ("a", "b", "d")
+    assert steps["d"].masks[0] == {0: (), 1: ()}
+    assert steps["e"].masks[0] == {2: (0,), 0: (0, 1), 1: (0, 1)}
+    assert steps["fc"].masks is None  # pools and a concat
+    with torch.no_grad():
+        values = list(prefix_graph(graph, ["a", "c"])(x).values())
+    assert steps["f"].masks is not None and steps["f"]._masked(x, values, torch.tensor([0, 2]), "mean") is None
+    _, x, graph = _net("shipped")
+    kinds = {}
+    for u in _steps("shipped"):
+        tail = step_graph(graph, u, graph.dag.producers(u)).narrow
+        kinds[u] = "direct" if tail.direct is not None else "masks" if tail.masks is not None else "batched"
+    assert kinds["layer1.0.conv2"] == "direct" and kinds["layer2.0.downsample.0"] == "masks"
+    assert kinds["fc"] == "batched" and set(kinds.values()) == {"direct", "masks", "batched"}
 
 
 def test_narrow_in_float32_and_several_chunks(monkeypatch):
