@@ -363,7 +363,6 @@ class NarrowTail:
         full[torch.arange(s, device=gx.device), :, self._group(neurons)] = gx
         return full.flatten(2, 3)
 
-
     def _windows(self, g: torch.Tensor, kernel, in_shape) -> List[torch.Tensor]:
         """Seeds ``g`` Tensor[B, H', W', *rest] -> kh * kw Tensors[B, H, W, *rest]: window
         ``a * kw + b`` at x's position p holds the seed that reaches p through the filter's tap
@@ -385,7 +384,7 @@ class NarrowTail:
 
 
 class _NoPaths(Exception):
-    pass
+    """A head that is not a tree of adds and ReLUs over the producers."""
 
 
 def _relu_paths(head: fx.GraphModule, n_lowers: int) -> Optional[Tuple[Dict[int, Tuple[int, ...]], List[fx.Node]]]:
