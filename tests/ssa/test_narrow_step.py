@@ -1,4 +1,4 @@
-"""The narrowed step (each upper neuron computes only its own channel, nchains.ssa.step.NarrowTail)
+"""The narrowed step (each upper neuron computes only its own channel, nchains.ssa.narrow.NarrowTail)
 against the full computation (``narrow=False``: every stacked copy runs the whole unit through
 autograd) in float64, on every step of several nets (residual, pooling, concat, grouped and
 depthwise convs, strides, dilation, asymmetric "same" padding, convs with bias and without BN,
