@@ -220,6 +220,8 @@ def table(doc: Dict[str, Any]) -> str:
     for name, auc in sorted(s["lerf_auc_change"].items(), key=lambda kv: kv[1]):
         lines.append(f"  {name.ljust(width)}  {auc:.4f}")
     for sp, j in s["jaccard"].items():
+        if len(j["names"]) < 2:  # one path method: nothing to compare it with
+            continue
         lines.append(f"Jaccard with {j['names'][0]} at sparsity {sp}: " +
                      ", ".join(f"{n} {v:.3f}" for n, v in zip(j["names"][1:], j["matrix"][0][1:])))
     return "\n".join(lines)

@@ -116,3 +116,14 @@ def test_lerf_and_sanity_entries(run):
         assert r["absolute"] is True and r["order"] == "lerf"  # --lerf-absolute
     assert set(doc["sanity"]) == {"NeuronMCT 50%", "Gradient"}  # path methods at the first sparsity
     assert len(doc["sanity"]["Gradient"]["spearman"]) == len(doc["sanity"]["Gradient"]["layers"]) > 5
+
+
+def test_table_jaccard_lines(run):
+    from nchains.cli.evaluate_paths import table
+
+    _, doc = run
+    text = table(doc)
+    mct = doc["jaccard"]["0.5"]["matrix"][0][1]
+    assert f"Jaccard with NeuronIntGrad at sparsity 0.5: NeuronMCT {mct:.3f}, GreedyPruning" in text
+    alone = dict(doc, jaccard={"0.5": {"names": ["GreedyPruning"], "matrix": [[1.0]]}})
+    assert "Jaccard" not in table(alone)  # one path method: no overlap line, not an empty one
