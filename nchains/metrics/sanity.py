@@ -177,7 +177,8 @@ def randomisation_sanity(method: Callable, model: nn.Module, images: torch.Tenso
 
 def plot_sanity(results: Mapping[str, Mapping[str, Any]], path: Optional[PathLike] = None):
     """Similarity to the original maps vs layers randomised (Fig. 7): one panel each for the
-    signed Spearman, absolute Spearman and SSIM, one line per method.
+    signed Spearman, absolute Spearman and SSIM, one line per method, a dotted line at 1 (the
+    original maps against themselves).
 
     Args:
         results (mapping name -> dict of :func:`randomisation_sanity`).
@@ -198,9 +199,11 @@ def plot_sanity(results: Mapping[str, Mapping[str, Any]], path: Optional[PathLik
             ax.plot(range(1, len(ys) + 1), ys, "o-", ms=3, label=name)
         layers = next(iter(results.values()))["layers"]
         ax.set_xticks(range(1, len(layers) + 1), layers, rotation=60, ha="right", fontsize=6)
+        ax.axhline(1.0, color="0.6", ls=":", lw=1)  # a map against itself: before any randomisation
+        ax.text(len(layers), 1.0, "original maps", fontsize=6, color="0.4", ha="right", va="bottom")
         ax.set_xlabel("randomised down to layer")
-        ax.set_ylabel(f"{title} with the original maps")
-        ax.set_ylim(-1.05, 1.05)
+        ax.set_ylabel(f"{title} to the original")
+        ax.set_ylim(-1.05, 1.12)
         ax.set_title(f"Randomisation sanity check: {title}", fontsize=9)
     axes[0].legend(fontsize=7)
     return save_png(fig, path)

@@ -87,7 +87,13 @@ def test_sanity(tmp_path):
     check_png(tmp_path / "s.png")
     titles = [t[0] for t in texts(fig)]
     assert len(titles) == 3 and all(t.startswith("Randomisation sanity check") for t in titles)
-    assert all(ax.get_ylabel().endswith("with the original maps") for ax in fig.axes)
+    assert all(ax.get_ylabel().endswith("to the original") for ax in fig.axes)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    figure_box = fig.bbox
+    for ax in fig.axes:  # the y label fits in the figure (a long one was cut off at the left)
+        box = ax.yaxis.label.get_window_extent(renderer)
+        assert box.y0 >= figure_box.y0 and box.y1 <= figure_box.y1 and box.x0 >= figure_box.x0
 
 
 def test_roar(tmp_path):
