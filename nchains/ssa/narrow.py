@@ -19,10 +19,12 @@ producer's gradient is the input's times the ReLU masks on its way; same shapes,
 conv), per image one matmul of the masks with the windows (no Tensor[s, N, C, H, W] is made);
 else the head's VJP of every neuron as one batched backward (``is_grads_batched``) on the
 transposed seeds. Anything else -- another op or module in ``U``'s chain, a
-``BatchNorm2d`` subclass, a BN in training mode when the step runs, a unit reading the images,
-``narrow=False`` -- takes the full computation above (every stacked copy computes every
-channel of ``U``). Both give the same relevance up to rounding (tests/ssa/test_narrow_step.py,
-in float64 to 1e-9).
+``BatchNorm2d`` subclass, a unit reading the images, ``narrow=False``, and, when the step runs,
+a BN or dropout module of the step (the unit's or the head's) in training mode (batch statistics
+couple the full computation's stacked copies) or a forward or backward hook on one of its modules
+or on every module (the narrowed ops call no module, so they would skip it) -- takes the full
+computation above (every stacked copy computes every channel of ``U``). Both give the same
+relevance up to rounding (tests/ssa/test_narrow_step.py, in float64 to 1e-9).
 
 Measured on eight steps of the shipped model (50 images, 10-24 neurons each, median of 3,
 interleaved; :file:`tools/bench_ssa.py`'s model; another job was using one of the 2 cores):
@@ -46,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules import module as _module_lib
 
 from nchains.graph.analysis import ModelGraph
 from nchains.graph.classify import _act_kind
@@ -53,6 +56,11 @@ from nchains.graph.units import ConvUnit
 from nchains.ssa.step import _reduce, response_of
 
 __all__ = ["NarrowTail", "narrow_tail"]
+
+#: a module's (and, with ``_global``, every module's) forward and backward hooks
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+#: modules that compute differently in training mode
+_TRAINING_MATTERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def narrow_tail(graph: ModelGraph, unit, last: fx.Node):
@@ -89,7 +97,8 @@ class NarrowTail:
 
     ``head`` is the step's segment up to the unit's input (``forward(images, *lower_outputs)``);
     ``direct`` is the index of the producer that *is* that input (no op in between), else None;
-    ``weight``/``bias`` are what the unit's conv or linear computes with, ``bn`` its BN.
+    ``weight``/``bias`` are what the unit's conv or linear computes with, ``bn`` its BN;
+    ``modules`` the unit's and the head's modules, whose mode and hooks :attr:`usable` reads.
     """
 
     def __init__(self, head: fx.GraphModule, lowers: int, direct: Optional[int], weight: torch.Tensor,
@@ -100,11 +109,19 @@ class NarrowTail:
         self.mask_head = None if self.masks is None else _with_outputs(head, self.masks[1])
         self.conv = None if not isinstance(unit, ConvUnit) else (
             unit.stride, unit.padding, unit.dilation, unit.groups, unit.pre_pad)
+        owner = unit.first.graph.owning_module
+        own = [owner.get_submodule(node.target) for node in unit.nodes if node.op == "call_module"]
+        self.modules = tuple({id(m): m for m in (*own, *head.modules())}.values())
 
     @property
     def usable(self) -> bool:
-        """False while the BN is in training mode (it would use batch statistics)."""
-        return self.bn is None or not self.bn.training
+        """False while the step's modules (``modules``: the unit's and the head's) do not compute
+        what the narrowed ops assume: a BN or dropout in training mode, or a forward or backward
+        hook on one of them or on every module (``register_module_forward_hook``)."""
+        if any(getattr(_module_lib, f"_global{h}", None) for h in _HOOKS):
+            return False
+        return not any(any(getattr(m, h, None) for h in _HOOKS) or (m.training and isinstance(m, _TRAINING_MATTERS))
+                       for m in self.modules)
 
     def relevance(self, images: torch.Tensor, lower_outputs: Sequence[torch.Tensor], neurons: torch.Tensor,
                   response: str) -> Tuple[torch.Tensor, ...]:

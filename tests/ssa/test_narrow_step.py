@@ -2,8 +2,10 @@
 against the full computation (``narrow=False``: every stacked copy runs the whole unit through
 autograd) in float64, on every step of several nets (residual, pooling, concat, grouped and
 depthwise convs, strides, dilation, asymmetric "same" padding, convs with bias and without BN,
-hidden linears, the shipped model); the fallback for a tail it does not handle against plain
-per-(neuron, image) autograd; and whole SSA graphs identical with and without narrowing."""
+hidden linears, Conv2d subclasses and parametrizations, the shipped model); memory layouts,
+batches of one and repeated neurons; the fallback for a tail it does not handle against plain
+per-(neuron, image) autograd, and for hooks and training-mode modules; and whole SSA graphs
+identical with and without narrowing."""
 
 import copy
 import functools
@@ -12,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 import nchains
 from nchains.models import zoo
@@ -80,12 +83,66 @@ class AddNet(nn.Module):
         return self.fc(torch.cat(pooled, 1))
 
 
+class TFSame(nn.Conv2d):
+    """TensorFlow-style "same" padding computed from the input size (asymmetric, stride aware)."""
+
+    def forward(self, x):
+        (ih, iw), (kh, kw), (sh, sw), (dh, dw) = x.shape[2:], self.kernel_size, self.stride, self.dilation
+        ph = max((-(-ih // sh) - 1) * sh + (kh - 1) * dh + 1 - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + (kw - 1) * dw + 1 - iw, 0)
+        x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class Standardised(nn.Conv2d):
+    """Weight standardisation, a doubled bias and a fixed asymmetric pre-pad in forward."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(F.pad(x, (1, 0, 2, 1)), w, self.bias * 2, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class Mirror(nn.Module):
+    def forward(self, w):
+        return 0.5 * w + w.flip(-1)
+
+
+class VariantNet(nn.Module):
+    """Conv2d subclasses (computed "same" pre-pad with stride and dilation, a standardised
+    grouped weight), a parametrized weight, groups with fewer outputs than inputs per group, a
+    non-square kernel with per-axis stride and dilation, BN without affine, unit activations
+    GELU (tanh) and ReLU6, LeakyReLU and Hardswish between units, a bias-free hidden Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 12, 3, padding=1)
+        self.g1 = nn.Conv2d(12, 8, 3, padding=1, groups=4, bias=False)  # 3 inputs, 2 outputs per group
+        self.bn1 = nn.BatchNorm2d(8, affine=False)
+        self.t1 = TFSame(8, 8, 4, stride=2, dilation=2)
+        self.s1 = Standardised(8, 6, 3, stride=2, groups=2)
+        self.p1 = nn.Conv2d(6, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+        parametrize.register_parametrization(self.p1, "weight", Mirror())
+        self.hidden, self.head = nn.Linear(6, 5, bias=False), nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        x = F.gelu(self.bn1(self.g1(x)), approximate="tanh")
+        x = F.leaky_relu(self.t1(x), 0.1)
+        x = F.relu6(self.s1(x))
+        x = F.hardswish(self.p1(x))
+        return self.head(F.silu(self.hidden(x.mean((2, 3)))))
+
+
 def _randomise_bn(net, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.3)
             m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            if m.weight is None:
+                continue
             m.weight.data.copy_(torch.randn(m.num_features, generator=gen))
             m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.2)
     return net
@@ -113,6 +170,7 @@ NETS = {
     "user_cnn": lambda: _seeded(UserCNN, (3, 3, 32, 32)),
     "odd": lambda: _seeded(OddNet, (5, 2, 9, 9)),
     "adds": lambda: _seeded(AddNet, (6, 2, 5, 5)),
+    "variants": lambda: _seeded(VariantNet, (4, 3, 15, 14)),
     "shipped": _shipped,
 }
 #: the steps that keep the full computation (their tail is not a plain conv/BN/act)
@@ -299,3 +357,118 @@ def test_whole_ssa_unchanged_shipped(monkeypatch):
     new, old = _ssa_both(monkeypatch, net, per_class, graph)
     _assert_same(new, old)
     assert all(len(g.nodes) > 20 for g in new)
+
+
+def _compare(graph, x, upper, neurons, response="mean", rtol=1e-9):
+    """The narrowed and the full relevance of one step; returns the step."""
+    lowers = graph.dag.producers(upper)
+    step = step_graph(graph, upper, lowers)
+    with torch.no_grad():
+        values = prefix_graph(graph, lowers)(x)
+    want = step_relevance(step, x, values, neurons, response, narrow=False)
+    got = step_relevance(step, x, values, neurons, response)
+    for lo in lowers:
+        assert want[lo].abs().max() > 0, f"{upper} <- {lo}: a vacuous comparison"
+        torch.testing.assert_close(got[lo], want[lo], rtol=rtol, atol=rtol * 1e-3, msg=f"{upper} <- {lo}")
+    return step
+
+
+def test_layouts_batch_of_one_and_neuron_order():
+    """channels_last model and images, a non-contiguous batch, one image, and neurons repeated
+    and out of order: the narrowed relevance is still the full one on every narrowed path
+    (adds: d a head of adds, e of adds and ReLUs, stride 2, f and fc the batched backward; odd:
+    c4 and c5 read their producer directly, c4 with an asymmetric pre-pad, head a linear)."""
+    cases = {"adds": {"d": [5, 0, 5, 2], "e": [4], "f": [2, 2, 0], "fc": [1, 0, 1]},
+             "odd": {"c4": [5, 1, 1], "c5": [7, 0, 3], "head": [2, 0, 2]}}
+    gen = torch.Generator().manual_seed(3)
+    for name, neurons in cases.items():
+        net, x, graph = _net(name)
+        wide = torch.randn(len(x), x.shape[1], x.shape[2], 2 * x.shape[3], dtype=torch.float64, generator=gen)
+        last = copy.deepcopy(net).to(memory_format=torch.channels_last)
+        images_cl = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            assert next(iter(last.children()))(images_cl).is_contiguous(memory_format=torch.channels_last)
+        runs = [(graph, wide[..., ::2]), (graph, x[:1]), (nchains.analyze(last, x[:1]), images_cl)]
+        assert not runs[0][1].is_contiguous()
+        for g, images in runs:
+            for upper, ns in neurons.items():
+                _compare(g, images, upper, ns, "max" if upper in ("e", "c4") else "mean")
+
+
+def _hooks(net):
+    """(name, add a hook to net, upper step it changes) -- each changes what the step computes."""
+    return [
+        ("forward hook on the unit's conv", lambda: net.d.register_forward_hook(lambda m, i, o: o * 0.5 + 0.1), "d"),
+        ("pre-hook on the unit's conv", lambda: net.e.register_forward_pre_hook(lambda m, i: (i[0] * 3,)), "e"),
+        ("backward hook on the unit's BN", lambda: net.bn.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,)),
+         "d"),
+        ("global forward hook", lambda: torch.nn.modules.module.register_module_forward_hook(
+            lambda m, i, o: o * 2 if isinstance(m, nn.Conv2d) else None), "f"),
+    ]
+
+
+def test_hooks_take_the_full_path():
+    """A forward, pre- or backward hook on one of the step's modules (or a global module hook)
+    runs in the full computation, which calls the modules; the narrowed ops call none, so the
+    step takes the full path while the hook is there, and the narrowed one once it is removed."""
+    net, x, graph = _net("adds")
+    net = copy.deepcopy(net)
+    graph = nchains.analyze(net, x[:1])
+    for what, add, upper in _hooks(net):
+        lowers = graph.dag.producers(upper)
+        step = step_graph(graph, upper, lowers)
+        with torch.no_grad():
+            values = prefix_graph(graph, lowers)(x)
+        plain = step_relevance(step, x, values, [0, 2], narrow=False)
+        handle = add()
+        try:
+            assert not step.narrow.usable, what
+            with torch.no_grad():
+                values_h = prefix_graph(graph, lowers)(x)
+            got = step_relevance(step, x, values_h, [0, 2])
+            want = step_relevance(step, x, values_h, [0, 2], narrow=False)
+        finally:
+            handle.remove()
+        assert step.narrow.usable
+        for lo in lowers:
+            torch.testing.assert_close(got[lo], want[lo], rtol=0, atol=0, msg=what)
+        assert any(not torch.allclose(want[lo], plain[lo]) for lo in lowers), f"{what}: the hook changes nothing"
+
+
+class HeadBNNet(nn.Module):
+    """A standalone BN and a dropout after a residual add (in the step's head, not a unit's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(2, 6, 3, padding=1)
+        self.bn, self.drop = nn.BatchNorm2d(6, momentum=0.0), nn.Dropout(0.5)
+        self.c, self.fc = nn.Conv2d(6, 4, 3, padding=1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.drop(F.relu(self.bn(self.a(x) + self.b(x))))
+        return self.fc(F.relu(self.c(h)).mean((2, 3)))
+
+
+def test_training_mode_in_the_head_takes_the_full_path():
+    """A BN in the head in training mode (batch statistics couple the full computation's
+    stacked copies, so the narrowed VJP on N images differs) or a dropout in training mode:
+    the full path, as for the unit's own BN; in eval mode the narrowed one, equal to it."""
+    net, x = _seeded(HeadBNNet, (5, 2, 6, 6))
+    graph = nchains.analyze(net, x[:1])
+    step = _compare(graph, x, "c", [0, 3])
+    assert step.narrow.usable and step.narrow.masks is None
+    lowers = graph.dag.producers("c")
+    with torch.no_grad():
+        values = prefix_graph(graph, lowers)(x)
+    for module in (net.bn, net.drop):
+        module.train()
+        try:
+            assert not step.narrow.usable
+            torch.manual_seed(1)
+            got = step_relevance(step, x, values, [0, 3])
+            torch.manual_seed(1)
+            want = step_relevance(step, x, values, [0, 3], narrow=False)
+        finally:
+            module.eval()
+        for lo in lowers:
+            torch.testing.assert_close(got[lo], want[lo], rtol=0, atol=0)
