@@ -97,7 +97,10 @@ class NarrowTail:
 
     ``head`` is the step's segment up to the unit's input (``forward(images, *lower_outputs)``);
     ``direct`` is the index of the producer that *is* that input (no op in between), else None;
-    ``weight``/``bias`` are what the unit's conv or linear computes with, ``bn`` its BN;
+    ``weight``/``bias`` are what the unit's conv or linear computes with, read again from the
+    modules at each :meth:`relevance` (a replaced parameter or a parametrization's changed
+    original is seen, as the full computation sees it; the effective weight of a Conv2d subclass
+    is the one read at analysis, :meth:`~nchains.graph.units.ConvUnit.params`), ``bn`` its BN;
     ``modules`` the unit's and the head's modules, whose mode and hooks :attr:`usable` reads.
     """
 
@@ -109,8 +112,8 @@ class NarrowTail:
         self.mask_head = None if self.masks is None else _with_outputs(head, self.masks[1])
         self.conv = None if not isinstance(unit, ConvUnit) else (
             unit.stride, unit.padding, unit.dilation, unit.groups, unit.pre_pad)
-        owner = unit.first.graph.owning_module
-        own = [owner.get_submodule(node.target) for node in unit.nodes if node.op == "call_module"]
+        self.unit, self.owner = unit, unit.first.graph.owning_module
+        own = [self.owner.get_submodule(node.target) for node in unit.nodes if node.op == "call_module"]
         self.modules = tuple({id(m): m for m in (*own, *head.modules())}.values())
 
     @property
@@ -127,6 +130,7 @@ class NarrowTail:
                   response: str) -> Tuple[torch.Tensor, ...]:
         """``omega`` per producer, Tensor[s, N, K] each (as :func:`step_relevance`)."""
         s = len(neurons)
+        self.weight, self.bias = self._params()
         if self.direct is not None:
             x = lower_outputs[self.direct]
             omega = self._input_grad(x, neurons, response, reduce=True)
@@ -142,6 +146,15 @@ class NarrowTail:
             grads = torch.autograd.grad(x, leaves, grad_outputs=self._input_grad(x, neurons, response),
                                         allow_unused=True, is_grads_batched=True)
         return tuple(v.new_zeros(s, len(v), v.shape[1]) if g is None else _reduce(g) for v, g in zip(leaves, grads))
+
+    def _params(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The unit's weight and bias as its modules hold them now, detached."""
+        if isinstance(self.unit, ConvUnit):
+            weight, bias = self.unit.params(self.owner)
+        else:
+            lin = self.owner.get_submodule(self.unit.first.target)
+            weight, bias = lin.weight, lin.bias
+        return weight.detach(), None if bias is None else bias.detach()
 
     def _input_grad(self, x: torch.Tensor, neurons: torch.Tensor, response: str, reduce: bool = False):
         """``d response_j / d x`` for every neuron ``j``: Tensor[s, N, *x.shape[1:]] (``reduce``:

@@ -472,3 +472,29 @@ def test_training_mode_in_the_head_takes_the_full_path():
             module.eval()
         for lo in lowers:
             torch.testing.assert_close(got[lo], want[lo], rtol=0, atol=0)
+
+
+def test_parameters_changed_after_the_step_is_built():
+    """Step graphs are built once per analysis and reused (nchains.ssa caches them): a
+    parametrization's original changed in place and parameters replaced afterwards are what the
+    full computation uses, and so does the narrowed step."""
+    net, x, _ = _net("variants")
+    net = copy.deepcopy(net)
+    graph = nchains.analyze(net, x[:1])
+    steps = {u: step_graph(graph, u, graph.dag.producers(u)) for u in ("g1", "p1", "hidden", "head")}
+    with torch.no_grad():
+        values = {u: prefix_graph(graph, graph.dag.producers(u))(x) for u in steps}
+    old = {u: step_relevance(step, x, values[u], _neurons(graph, u), narrow=False) for u, step in steps.items()}
+    with torch.no_grad():
+        net.p1.parametrizations.weight.original.mul_(-1.5)
+        net.g1.weight = nn.Parameter(net.g1.weight.flip(0))
+        net.hidden.weight = nn.Parameter(net.hidden.weight * 2)
+        net.head.weight = nn.Parameter(net.head.weight.flip(1))
+    for upper, step in steps.items():
+        assert step.narrow is not None and step.narrow.usable
+        neurons = _neurons(graph, upper)
+        want = step_relevance(step, x, values[upper], neurons, narrow=False)
+        got = step_relevance(step, x, values[upper], neurons)
+        for lo in want:
+            torch.testing.assert_close(got[lo], want[lo], rtol=1e-9, atol=1e-12, msg=f"{upper} <- {lo}")
+            assert not torch.allclose(want[lo], old[upper][lo]), f"{upper} <- {lo}: the change changes nothing"
