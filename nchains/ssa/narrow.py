@@ -20,7 +20,7 @@ conv), per image one matmul of the masks with the windows (no Tensor[s, N, C, H,
 else the head's VJP of every neuron as one batched backward (``is_grads_batched``) on the
 transposed seeds. Anything else -- another op or module in ``U``'s chain, a
 ``BatchNorm2d`` subclass, a unit reading the images, ``narrow=False``, and, when the step runs,
-a BN or dropout module of the step (the unit's or the head's) in training mode (batch statistics
+a module of the step (the unit's or the head's) in training mode (a BN's batch statistics
 couple the full computation's stacked copies) or a forward or backward hook on one of its modules
 or on every module (the narrowed ops call no module, so they would skip it) -- takes the full
 computation above (every stacked copy computes every channel of ``U``). Both give the same
@@ -59,8 +59,6 @@ __all__ = ["NarrowTail", "narrow_tail"]
 
 #: a module's (and, with ``_global``, every module's) forward and backward hooks
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-#: modules that compute differently in training mode
-_TRAINING_MATTERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def narrow_tail(graph: ModelGraph, unit, last: fx.Node):
@@ -101,7 +99,8 @@ class NarrowTail:
     modules at each :meth:`relevance` (a replaced parameter or a parametrization's changed
     original is seen, as the full computation sees it; the effective weight of a Conv2d subclass
     is the one read at analysis, :meth:`~nchains.graph.units.ConvUnit.params`), ``bn`` its BN;
-    ``modules`` the unit's and the head's modules, whose mode and hooks :attr:`usable` reads.
+    ``modules`` the modules the unit and the head call (with their submodules), whose mode and
+    hooks :attr:`usable` reads.
     """
 
     def __init__(self, head: fx.GraphModule, lowers: int, direct: Optional[int], weight: torch.Tensor,
@@ -113,18 +112,19 @@ class NarrowTail:
         self.conv = None if not isinstance(unit, ConvUnit) else (
             unit.stride, unit.padding, unit.dilation, unit.groups, unit.pre_pad)
         self.unit, self.owner = unit, unit.first.graph.owning_module
-        own = [self.owner.get_submodule(node.target) for node in unit.nodes if node.op == "call_module"]
-        self.modules = tuple({id(m): m for m in (*own, *head.modules())}.values())
+        called = [self.owner.get_submodule(node.target) for node in unit.nodes if node.op == "call_module"]
+        called += [head.get_submodule(node.target) for node in head.graph.nodes if node.op == "call_module"]
+        self.modules = tuple({id(m): m for top in called for m in top.modules()}.values())
 
     @property
     def usable(self) -> bool:
-        """False while the step's modules (``modules``: the unit's and the head's) do not compute
-        what the narrowed ops assume: a BN or dropout in training mode, or a forward or backward
-        hook on one of them or on every module (``register_module_forward_hook``)."""
+        """False while the step's modules (``modules``) may not compute what the narrowed ops
+        assume: one in training mode (a BN's batch statistics, dropout, a spectral norm's power
+        iteration), or a forward or backward hook on one of them or on every module
+        (``register_module_forward_hook``)."""
         if any(getattr(_module_lib, f"_global{h}", None) for h in _HOOKS):
             return False
-        return not any(any(getattr(m, h, None) for h in _HOOKS) or (m.training and isinstance(m, _TRAINING_MATTERS))
-                       for m in self.modules)
+        return not any(m.training or any(getattr(m, h, None) for h in _HOOKS) for m in self.modules)
 
     def relevance(self, images: torch.Tensor, lower_outputs: Sequence[torch.Tensor], neurons: torch.Tensor,
                   response: str) -> Tuple[torch.Tensor, ...]:

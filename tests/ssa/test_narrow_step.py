@@ -135,6 +135,21 @@ class VariantNet(nn.Module):
         return self.head(F.silu(self.hidden(x.mean((2, 3)))))
 
 
+class PrePadAddNet(nn.Module):
+    """Convs with a pre-pad (TFSame with stride 3 and dilation 2; Standardised with stride 2)
+    reading a head of adds and ReLUs (the masked path), each with a ReLU of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(3, 6, 3, padding=1)
+        self.t, self.w = TFSame(6, 5, 4, stride=3, dilation=2), Standardised(6, 4, 3, stride=2, padding=1)
+        self.fc = nn.Linear(5 + 4, 2)
+
+    def forward(self, x):
+        h = F.relu(self.a(x) + F.relu(self.b(x)))
+        return self.fc(torch.cat([F.relu(self.t(h)).mean((2, 3)), F.relu(self.w(h)).mean((2, 3))], 1))
+
+
 def _randomise_bn(net, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for m in net.modules():
@@ -171,6 +186,7 @@ NETS = {
     "odd": lambda: _seeded(OddNet, (5, 2, 9, 9)),
     "adds": lambda: _seeded(AddNet, (6, 2, 5, 5)),
     "variants": lambda: _seeded(VariantNet, (4, 3, 15, 14)),
+    "prepad_adds": lambda: _seeded(PrePadAddNet, (3, 3, 8, 7)),
     "shipped": _shipped,
 }
 #: the steps that keep the full computation (their tail is not a plain conv/BN/act)
@@ -204,6 +220,7 @@ def test_narrow_equals_full(name, response):
         lowers = graph.dag.producers(upper)
         step = step_graph(graph, upper, lowers)
         assert (step.narrow is None) == (upper in FALLBACK.get(name, ())), upper
+        assert step.narrow is None or step.narrow.usable, upper  # else narrow=True would be the full path too
         seen.add(upper)
         with torch.no_grad():
             values = prefix_graph(graph, lowers)(x)
@@ -363,6 +380,7 @@ def _compare(graph, x, upper, neurons, response="mean", rtol=1e-9):
     """The narrowed and the full relevance of one step; returns the step."""
     lowers = graph.dag.producers(upper)
     step = step_graph(graph, upper, lowers)
+    assert step.narrow is not None and step.narrow.usable, upper
     with torch.no_grad():
         values = prefix_graph(graph, lowers)(x)
     want = step_relevance(step, x, values, neurons, response, narrow=False)
