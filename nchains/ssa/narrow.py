@@ -62,7 +62,7 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def narrow_tail(graph: ModelGraph, unit, last: fx.Node):
-    """``(input node, weight, bias, unit, bn)`` when ``unit``'s nodes in the tapped copy (its
+    """``(input node, unit, bn)`` when ``unit``'s nodes in the tapped copy (its
     output ``last`` and, walking up, its BN and conv or linear) are the analysed unit's: one
     call of the unit's exact ``nn.Linear`` (2-d output) or conv, then at most an exact
     ``nn.BatchNorm2d`` and the unit's activation, each reading only the one before; else None."""
@@ -81,11 +81,10 @@ def narrow_tail(graph: ModelGraph, unit, last: fx.Node):
         if bn is not None and (chain[1].op != "call_module" or chain[1].target != unit.bn
                                or type(bn) is not nn.BatchNorm2d):
             return None
-        return (first.args[0], *unit.params(mods), unit, bn)
-    lin = mods.get_submodule(first.target)
-    if type(lin) is not nn.Linear or len(unit.output_shape) != 2:
+        return first.args[0], unit, bn
+    if type(mods.get_submodule(first.target)) is not nn.Linear or len(unit.output_shape) != 2:
         return None
-    return first.args[0], lin.weight, lin.bias, unit, None
+    return first.args[0], unit, None
 
 
 class NarrowTail:
@@ -95,17 +94,16 @@ class NarrowTail:
 
     ``head`` is the step's segment up to the unit's input (``forward(images, *lower_outputs)``);
     ``direct`` is the index of the producer that *is* that input (no op in between), else None;
-    ``weight``/``bias`` are what the unit's conv or linear computes with, read again from the
-    modules at each :meth:`relevance` (a replaced parameter or a parametrization's changed
+    :attr:`weight`/:attr:`bias` are what the unit's conv or linear computes with, read from the
+    modules at each use (a replaced parameter or a parametrization's changed
     original is seen, as the full computation sees it; the effective weight of a Conv2d subclass
     is the one read at analysis, :meth:`~nchains.graph.units.ConvUnit.params`), ``bn`` its BN;
     ``modules`` the modules the unit and the head call (with their submodules), whose mode and
     hooks :attr:`usable` reads.
     """
 
-    def __init__(self, head: fx.GraphModule, lowers: int, direct: Optional[int], weight: torch.Tensor,
-                 bias: Optional[torch.Tensor], unit, bn: Optional[nn.BatchNorm2d]):
-        self.head, self.direct, self.weight, self.bias, self.bn = head, direct, weight, bias, bn
+    def __init__(self, head: fx.GraphModule, lowers: int, direct: Optional[int], unit, bn: Optional[nn.BatchNorm2d]):
+        self.head, self.direct, self.bn = head, direct, bn
         self.act = unit.act_module
         self.masks = None if direct is not None else _relu_paths(head, lowers)
         self.mask_head = None if self.masks is None else _with_outputs(head, self.masks[1])
@@ -130,7 +128,6 @@ class NarrowTail:
                   response: str) -> Tuple[torch.Tensor, ...]:
         """``omega`` per producer, Tensor[s, N, K] each (as :func:`step_relevance`)."""
         s = len(neurons)
-        self.weight, self.bias = self._params()
         if self.direct is not None:
             x = lower_outputs[self.direct]
             omega = self._input_grad(x, neurons, response, reduce=True)
@@ -156,10 +153,20 @@ class NarrowTail:
             weight, bias = lin.weight, lin.bias
         return weight.detach(), None if bias is None else bias.detach()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The unit's conv or linear weight, as its module holds it now (detached)."""
+        return self._params()[0]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The unit's bias as its module holds it now (detached), or None."""
+        return self._params()[1]
+
     def _input_grad(self, x: torch.Tensor, neurons: torch.Tensor, response: str, reduce: bool = False):
         """``d response_j / d x`` for every neuron ``j``: Tensor[s, N, *x.shape[1:]] (``reduce``:
         averaged over space, Tensor[s, N, C])."""
-        w = self.weight.detach()[neurons]
+        w = self.weight[neurons]
         seed = self._seed(x, w, neurons, response)
         if self.conv is None:
             return seed.t()[:, :, None] * w[:, None, :]
@@ -189,7 +196,7 @@ class NarrowTail:
         if self.conv[3] != 1 or any(t.shape != x.shape for t in (*relus, *(lower_outputs[k] for k in plan))):
             return None
         s, (n, c, height, width) = len(neurons), x.shape
-        w = self.weight.detach()[neurons]
+        w = self.weight[neurons]
         kk = w.shape[2] * w.shape[3]
         seed = self._seed(x, w, neurons, response).permute(0, 2, 3, 1)  # [N, H', W', s]
         windows = torch.stack(self._windows(seed, w.shape[2:], x.shape), -1).view(n, height * width, s * kk)
@@ -215,11 +222,12 @@ class NarrowTail:
         return tuple(out)
 
     def _group(self, neurons: torch.Tensor) -> torch.Tensor:
-        return neurons // (len(self.weight) // self.conv[3])
+        return neurons // (self.unit.out_channels // self.conv[3])
 
     def _pre_act(self, x: torch.Tensor, w: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
         """The selected channels before BN and activation, Tensor[N, s, ...] (detached)."""
-        b = None if self.bias is None else self.bias.detach()[neurons]
+        bias = self.bias
+        b = None if bias is None else bias[neurons]
         if self.conv is None:
             return F.linear(x, w, b)
         stride, padding, dilation, groups, pre_pad = self.conv
