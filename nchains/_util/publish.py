@@ -23,6 +23,10 @@ Leftovers of killed runs (staging or ``-old-`` folders of a process that no long
 removed by the next run for the same destination. Two live processes exporting to the same
 destination at once are not coordinated: the last to publish wins.
 
+Which existing destination a command may replace is its ``problem`` callable;
+:func:`earlier_output_problem` is the common rule (empty, or an earlier output holding exactly
+the files its index JSON lists) that the commands other than export use.
+
 Test-only hook (see :mod:`nchains._util.io`): ``NCHAINS_TEST_PAUSE_AT`` steps ``staging-created``,
 ``partial:<file>``, ``written:<file>``, ``before-publish``, ``between-renames`` (the fallback only;
 ``NCHAINS_TEST_NO_EXCHANGE=1`` forces it) and ``after-publish`` (new set in place, the previous
@@ -33,10 +37,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import re
 import shutil
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 from nchains._util.io import fsync_dir, pause_for_test, pid_alive, unique_name, write_file
 
@@ -91,6 +96,40 @@ def clean_leftovers(out: str) -> None:
             fsync_dir(parent)
         else:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def earlier_output_problem(folder: str, index: str, listed: Callable[[dict], Optional[Iterable[str]]],
+                           command: str) -> Optional[str]:
+    """Why ``folder`` may not be replaced by ``command``'s output folder, or None when it is
+    empty or an earlier output of ``command`` holding only the files its ``index`` JSON lists.
+
+    Args:
+        folder (str): an existing folder.
+        index (str): the name of the command's index file in it (``summary.json``...).
+        listed (callable): ``listed(index contents)``: the names of the files the command wrote
+            beside the index; None (or a KeyError/TypeError) for an index of another kind, and
+            then no file is ours.
+        command (str): the command's name, for the message.
+
+    Returns:
+        None, or a short reason naming the first entry that is not the command's: a file the
+        index does not list, a sub-folder, or (without an index of the command) any entry.
+    """
+    names = sorted(os.listdir(folder))
+    if not names:
+        return None
+    try:
+        with open(os.path.join(folder, index)) as f:
+            files = listed(json.load(f))
+        ours = None if files is None else {index, *(n for n in files if isinstance(n, str))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        ours = None
+    if ours is None:
+        why = f"its {index} is not an nchains {command} index" if index in names else f"no nchains {index} in it"
+        others = [n for n in names if n != index]
+        return why + (f"; it holds {others[0]!r}" if others else "")
+    foreign = [n for n in names if n not in ours or not os.path.isfile(os.path.join(folder, n))]
+    return None if not foreign else f"it holds {foreign[0]!r} besides an nchains {command} output"
 
 
 def check_destination(out: str, problem: Problem, arg: str = "out_dir", kind: str = "export") -> None:

@@ -20,8 +20,9 @@ from typing import List, Optional
 
 import torch
 
+from nchains._util.publish import earlier_output_problem
 from nchains.cli._inputs import add_chain_model_args
-from nchains.cli._outputs import check_output_dir, earlier_output_problem
+from nchains.cli._outputs import check_output_dir
 
 _FILES = "results.json"
 

@@ -16,8 +16,8 @@ import json
 import sys
 from typing import Any, Dict, List, Optional
 
+from nchains._util.publish import earlier_output_problem
 from nchains.cli._inputs import add_input_args, check_input_args, csv_list, load_inputs
-from nchains.cli._outputs import earlier_output_problem
 
 RESULTS = "results.json"
 FORMAT = "nchains-evaluate-paths"

@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from nchains._util.publish import earlier_output_problem
 from nchains.cli._inputs import add_input_args, check_input_args, in_channels, load_inputs, parse_target
-from nchains.cli._outputs import earlier_output_problem
 
 SUMMARY = "paths.json"
 FORMAT = "nchains-paths"

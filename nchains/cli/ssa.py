@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from nchains._util.publish import earlier_output_problem
 from nchains.cli._inputs import add_input_args, check_input_args, load_inputs
-from nchains.cli._outputs import earlier_output_problem
 
 SUMMARY = "summary.json"
 SUMMARY_FORMAT = "nchains-ssa"

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import torch
 from torch import nn
 
-from nchains._util.publish import StagedFolder, check_writable
+from nchains._util.publish import StagedFolder, check_writable, earlier_output_problem
 from nchains._util.tensors import check_images
 from nchains.report import actmax as am
 from nchains.report.chain_graph import chain_graph
@@ -30,7 +30,7 @@ from nchains.report.sections import (analyses_section, filters_section, graph_se
 from nchains.report.smoe import smoe_maps
 from nchains.report.unit_outputs import computed_layers
 
-__all__ = ["DEFAULT_ANALYSES", "FILES", "MANIFEST", "replace_problem", "report"]
+__all__ = ["DEFAULT_ANALYSES", "MANIFEST", "replace_problem", "report"]
 
 #: What the report runs by default: every analysis but the fidelity sweep (a new extraction per
 #: lambda: minutes). On the shipped Quick-start chain they take about 25 s of CPU together.
@@ -39,15 +39,11 @@ DEFAULT_ANALYSES = "faithfulness,quotient,stability,robustness,magnitude"
 #: ``files`` naming the other files the report wrote.
 MANIFEST = "report.json"
 REPORT_FORMAT = "nchains-report"
-#: The files a report folder may hold (analyses.json only when analyses ran).
-FILES = ("index.html", "analyses.json", MANIFEST)
 
 
 def replace_problem(folder: str) -> Optional[str]:
     """None when ``folder`` may be replaced by a report (empty, or an earlier report holding only
     the files its ``report.json`` lists), else why."""
-    from nchains.cli._outputs import earlier_output_problem
-
     return earlier_output_problem(folder, MANIFEST, lambda m: m["files"] if m.get("format") == REPORT_FORMAT else None,
                                   "report")
 
