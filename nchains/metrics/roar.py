@@ -44,7 +44,7 @@ from torch import nn
 from nchains._util.device import model_device_dtype
 from nchains._util.io import PathLike
 from nchains.metrics._common import check_fractions, check_map, save_png
-from nchains.metrics.degradation import degrade, fill_values, removal_ranks
+from nchains.metrics.degradation import fill_values, removal_ranks
 
 __all__ = ["DEFAULT_ROAR_FRACTIONS", "accuracy", "fashion_subsets", "plot_roar", "removal_masks", "roar", "roar_cnn",
            "train_classifier"]
@@ -145,17 +145,19 @@ def _maps(method: Callable, explainer: nn.Module, x: torch.Tensor, y: torch.Tens
     return torch.cat(maps)
 
 
+def _top_pixels(maps: torch.Tensor, k: float) -> torch.Tensor:
+    """BoolTensor[N, 1, H, W]: the ``round(k * H * W)`` highest pixels of each map (ties by index)."""
+    n, _, h, w = maps.shape
+    return (removal_ranks(maps, "morf") < int(round(k * h * w))).view(n, 1, h, w)
+
+
 def _removed(x: torch.Tensor, maps: torch.Tensor, k: float, fill: torch.Tensor) -> torch.Tensor:
-    ranks = removal_ranks(maps, "morf")
-    count = int(round(k * x.shape[2] * x.shape[3]))
-    return degrade(x, ranks, torch.full((len(x),), count), fill)
+    return torch.where(_top_pixels(maps, k), fill, x)
 
 
 def removal_masks(maps: torch.Tensor, k: float) -> torch.Tensor:
     """Tensor[N, 1, H, W] float: 1 at the top-``k`` pixels of each map (the ones ROAR removes), else 0."""
-    n, _, h, w = maps.shape
-    count = int(round(k * h * w))
-    return (removal_ranks(maps, "morf") < count).view(n, 1, h, w).to(torch.float32)
+    return _top_pixels(maps, k).to(torch.float32)
 
 
 def _check_methods(methods) -> Dict[str, Callable]:
